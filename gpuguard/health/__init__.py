@@ -1,0 +1,1 @@
+"""Health rules: pure functions from observations to a verdict per GPU."""
