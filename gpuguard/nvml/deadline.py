@@ -34,6 +34,7 @@ class _Lane:
         self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
         self.busy_since: float | None = None
         self.busy_call = ""
+        self._submit_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -53,14 +54,15 @@ class _Lane:
                 fut.set_result(result)
 
     def submit(self, call: str, fn: Callable[[], T]) -> Future[T]:
-        if self.busy_since is not None:
-            stuck = time.monotonic() - self.busy_since
-            raise DeadlineExceeded(call, f"lane still blocked in {self.busy_call} for {stuck:.1f}s")
-        fut: Future[T] = Future()
-        self.busy_since = time.monotonic()
-        self.busy_call = call
-        self._jobs.put((fut, fn))
-        return fut
+        with self._submit_lock:  # two submitters must not both see the lane free
+            if self.busy_since is not None:
+                stuck = time.monotonic() - self.busy_since
+                raise DeadlineExceeded(call, f"lane still blocked in {self.busy_call} for {stuck:.1f}s")
+            fut: Future[T] = Future()
+            self.busy_since = time.monotonic()
+            self.busy_call = call
+            self._jobs.put((fut, fn))
+            return fut
 
 
 class DeadlineRunner:
@@ -81,10 +83,10 @@ class DeadlineRunner:
     def call(self, key: Hashable, call: str, fn: Callable[[], T], timeout_s: float) -> T:
         """fn() on key's lane; raises DeadlineExceeded after timeout_s."""
         fut = self._lane(key).submit(call, fn)
-        try:
-            return fut.result(timeout=timeout_s)
-        except TimeoutError:
-            raise DeadlineExceeded(call, f"no answer within {timeout_s:.1f}s") from None
+        done, _ = wait([fut], timeout=timeout_s)
+        if not done:
+            raise DeadlineExceeded(call, f"no answer within {timeout_s:.1f}s")
+        return fut.result()  # re-raises the call's own exception, TimeoutError included
 
     def map(
         self, calls: Iterable[tuple[Hashable, str, Callable[[], T]]], timeout_s: float

@@ -1,0 +1,1 @@
+"""gpuguardd: the daemon's process, its main loop and its threads."""

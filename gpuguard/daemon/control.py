@@ -1,0 +1,123 @@
+"""The daemon's side of the control commands (the `Controller` protocol of
+gpuguard.control.commands), on top of `Daemon`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpuguard.control.commands import CommandError, PeerCred
+from gpuguard.daemon.service import Daemon
+from gpuguard.events import Event
+from gpuguard.health.types import GpuState, Severity
+from gpuguard.nvml.types import GpuInfo
+
+# states a node health check treats as "this node is not fit for work"
+UNHEALTHY_STATES = (GpuState.FAULTED, GpuState.EXCLUDED, GpuState.RESETTING, GpuState.UNKNOWN)
+
+
+def _who(peer: PeerCred) -> str:
+    return f"uid {peer.uid} (pid {peer.pid})"
+
+
+class DaemonController:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def _gpu(self, gpu: str) -> GpuInfo:
+        assert self.daemon.monitor is not None
+        try:
+            return self.daemon.monitor.resolve(gpu)
+        except KeyError as exc:
+            raise CommandError(str(exc.args[0]), code="not_found") from None
+
+    # --- reading -------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return self.daemon.status()
+
+    def events(self, limit: int | None, gpu: str | None, job: str | None) -> list[dict[str, Any]]:
+        uuid = self._gpu(gpu).uuid if gpu is not None else None
+        if limit is not None and limit < 0:
+            raise CommandError("--limit must be 0 or more", code="bad_request")
+        return [e.to_json() for e in self.daemon.store.events(limit=limit, gpu=uuid, job=job)]
+
+    def check(self) -> dict[str, Any]:
+        gpus = self.daemon.gpu_status()
+        if not gpus:
+            return {"status": "unknown", "message": "gpuguard: no GPUs found"}
+        bad = [g for g in gpus if GpuState(g["state"]) in UNHEALTHY_STATES]
+        if not bad:
+            return {"status": "healthy", "message": f"gpuguard: all {len(gpus)} GPU(s) healthy"}
+        parts = [f"GPU {g['index']} ({g['uuid']}) {g['state']}: {g['reason'] or 'no reason given'}" for g in bad]
+        return {"status": "unhealthy", "message": "gpuguard: " + "; ".join(parts)}
+
+    def healthy(self) -> list[dict[str, Any]]:
+        return [
+            {"index": g["index"], "uuid": g["uuid"]}
+            for g in self.daemon.gpu_status()
+            if g["state"] == GpuState.HEALTHY.value
+        ]
+
+    def snapshots(self, name: str) -> list[dict[str, Any]]:
+        raise CommandError("managed jobs are not available in this version of gpuguardd", code="failed")
+
+    # --- changing ------------------------------------------------------
+    def exclude(self, gpu: str, reason: str | None, peer: PeerCred) -> dict[str, Any]:
+        info = self._gpu(gpu)
+        text = reason or "excluded by operator"
+        self.daemon.store.exclude(info.uuid, text, by=_who(peer))
+        self.daemon.record(
+            Event(
+                kind="gpu_excluded",
+                severity=Severity.WARNING,
+                message=f"GPU {info.index} excluded by {_who(peer)}: {text}",
+                gpu=info.uuid,
+                data={"by": _who(peer), "pci_bus_id": info.pci_bus_id},
+            )
+        )
+        return {"gpu": info.uuid, "index": info.index, "state": GpuState.EXCLUDED.value, "reason": text}
+
+    def include(self, gpu: str, peer: PeerCred) -> dict[str, Any]:
+        info = self._gpu(gpu)
+        changed = self.daemon.store.include(info.uuid)
+        if changed:
+            self.daemon.record(
+                Event(
+                    kind="gpu_included",
+                    severity=Severity.INFO,
+                    message=f"GPU {info.index} returned to service by {_who(peer)}",
+                    gpu=info.uuid,
+                    data={"by": _who(peer), "pci_bus_id": info.pci_bus_id},
+                )
+            )
+        state, reason = self.daemon.gpu_state(info.uuid)
+        return {"gpu": info.uuid, "index": info.index, "changed": changed, "state": state.value, "reason": reason}
+
+    def reset(self, gpu: str, peer: PeerCred) -> dict[str, Any]:
+        info = self._gpu(gpu)
+        result = self.daemon.reset_gpu(info.uuid, by=_who(peer))
+        if not result.ok:
+            raise CommandError(f"GPU {info.index}: {result.detail}", code="failed")
+        return {"gpu": info.uuid, "index": info.index, "ok": True, "detail": result.detail}
+
+    def inject(self, gpu: str, fault: str, value: str | None, peer: PeerCred) -> dict[str, Any]:
+        from gpuguard.sim.backend import SimulatedBackend
+
+        backend = self.daemon.backend
+        if not isinstance(backend, SimulatedBackend):
+            raise CommandError("inject works only on simulated GPUs (gpuguardd --simulate N)", code="refused")
+        info = self._gpu(gpu)
+        try:
+            description = backend.inject(info.index, fault, value)
+        except ValueError as exc:
+            raise CommandError(str(exc), code="bad_request") from None
+        self.daemon.request_poll()
+        return {"gpu": info.uuid, "index": info.index, "injected": description}
+
+    def run(self, spec: dict[str, Any], peer: PeerCred) -> dict[str, Any]:
+        raise CommandError("managed jobs are not available in this version of gpuguardd", code="failed")
+
+    def stop(self, name: str, peer: PeerCred) -> dict[str, Any]:
+        raise CommandError("managed jobs are not available in this version of gpuguardd", code="failed")
+
+    def rollback(self, name: str, snapshot: str | None, peer: PeerCred) -> dict[str, Any]:
+        raise CommandError("managed jobs are not available in this version of gpuguardd", code="failed")

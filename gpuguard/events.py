@@ -1,0 +1,96 @@
+"""What gpuguard remembers: one Event per thing that happened, in the shape
+`gpuguardctl events --json` shows (CONTRACT.md)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any
+
+from gpuguard.health.types import Severity
+
+
+class EventKind(enum.StrEnum):
+    """The kinds gpuguard writes. Event.kind stays a plain str, so a new kind
+    needs no schema change and old databases with unknown kinds still load."""
+
+    # the contract's kinds
+    XID = "xid"
+    ECC = "ecc"
+    REMAP = "remap"
+    HANG = "hang"
+    GPU_LOST = "gpu_lost"
+    THERMAL = "thermal"
+    GPU_EXCLUDED = "gpu_excluded"
+    GPU_INCLUDED = "gpu_included"
+    GPU_RESET = "gpu_reset"
+    JOB_STARTED = "job_started"
+    CHECKPOINT_REQUESTED = "checkpoint_requested"
+    JOB_RESTARTED = "job_restarted"
+    JOB_SUCCEEDED = "job_succeeded"
+    JOB_FAILED = "job_failed"
+    JOB_STOPPED = "job_stopped"
+    # gpuguard's own
+    NVML_TIMEOUT = "nvml_timeout"
+    NVML_ERROR = "nvml_error"
+    DAEMON_STARTED = "daemon_started"
+    DAEMON_STOPPED = "daemon_stopped"
+    GPU_RECOVERED = "gpu_recovered"
+    JOB_WAITING = "job_waiting"
+    SNAPSHOT_SAVED = "snapshot_saved"
+    SNAPSHOT_REJECTED = "snapshot_rejected"
+    NODE_HOOK = "node_hook"
+
+
+# keys of to_json() that an event's `data` may not replace
+RESERVED_KEYS = frozenset({"id", "ts", "kind", "severity", "gpu", "job", "message", "xid"})
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One thing that happened. `data` holds JSON-able extras; it is copied
+    into a read-only mapping and left out of ==/hash, so events stay hashable.
+    `id` is None until the store has written the event."""
+
+    kind: str
+    severity: Severity
+    message: str
+    gpu: str | None = None
+    job: str | None = None
+    xid: int | None = None
+    data: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    ts: float = field(default_factory=time.time)
+    id: int | None = None
+
+    def __post_init__(self) -> None:
+        # a StrEnum kind would print as "EventKind.XID" in some f-strings; keep it plain
+        object.__setattr__(self, "kind", str(self.kind))
+        object.__setattr__(self, "severity", Severity(self.severity))
+        if not isinstance(self.data, MappingProxyType):
+            object.__setattr__(self, "data", MappingProxyType(dict(self.data)))
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract's event object: fixed keys first, then `data`'s keys
+        (which never replace a fixed key); `xid` only when set."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "ts": iso_utc(self.ts),
+            "kind": self.kind,
+            "severity": self.severity.value,
+            "gpu": self.gpu,
+            "job": self.job,
+            "message": self.message,
+        }
+        if self.xid is not None:
+            out["xid"] = self.xid
+        out.update((k, v) for k, v in self.data.items() if k not in RESERVED_KEYS)
+        return out
+
+
+def iso_utc(ts: float) -> str:
+    """`2026-11-27T07:15:03.123Z`: ISO-8601, UTC, milliseconds."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

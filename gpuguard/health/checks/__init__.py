@@ -1,0 +1,1 @@
+"""One small module per health check, all behind the interface in `base`."""

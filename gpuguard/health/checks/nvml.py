@@ -1,0 +1,51 @@
+"""No data, and NVML outcomes that are health facts (lost, reset required,
+errors, calls past their deadline)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from gpuguard.health.checks.base import Facts, Result
+from gpuguard.health.types import Action, Finding, GpuState, Severity
+from gpuguard.nvml.types import FindingKind
+
+
+class _Rule(NamedTuple):
+    state: GpuState
+    action: Action
+    severity: Severity
+    kind: str  # the event kind
+    text: str
+
+
+_RULES: dict[FindingKind, _Rule] = {
+    FindingKind.GPU_LOST: _Rule(
+        GpuState.FAULTED, Action.REBOOT_NODE, Severity.CRITICAL, "gpu_lost", "GPU is lost: reboot the node"
+    ),
+    FindingKind.RESET_REQUIRED: _Rule(
+        GpuState.FAULTED, Action.RESET_GPU, Severity.CRITICAL, "gpu_reset_required",
+        "GPU requires a reset: reset the GPU",
+    ),
+    FindingKind.DEADLINE: _Rule(
+        GpuState.UNKNOWN, Action.NONE, Severity.ERROR, "nvml_timeout", "NVML did not answer in time"
+    ),
+    FindingKind.NVML_ERROR: _Rule(
+        GpuState.UNKNOWN, Action.NONE, Severity.ERROR, "nvml_error", "NVML returned an unexpected error"
+    ),
+}
+
+
+def check(facts: Facts) -> list[Result]:
+    """One finding per NVML finding kind, naming the calls; UNKNOWN without a
+    snapshot, since no data must never read as healthy."""
+    snap = facts.snapshot
+    if snap is None:
+        missing = Finding("no_data", Severity.ERROR, Action.NONE, "no data from NVML for this GPU")
+        return [(GpuState.UNKNOWN, missing)]
+    results: list[Result] = []
+    for kind, rule in _RULES.items():
+        calls = sorted({f.call for f in snap.findings if f.kind == kind})
+        if calls:
+            message = f"{rule.text} (seen in {', '.join(calls)})"
+            results.append((rule.state, Finding(rule.kind, rule.severity, rule.action, message)))
+    return results

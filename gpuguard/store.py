@@ -1,0 +1,446 @@
+"""gpuguard's memory: events, GPU quarantine and job records in one SQLite
+database (WAL mode) under the state dir.
+
+Choices worth knowing:
+
+- One connection behind a lock, shared by the daemon's threads. Every write
+  is one short `BEGIN IMMEDIATE` transaction; `busy_timeout` covers another
+  process (an operator's sqlite3 shell) holding the file.
+- A corrupt database file is renamed aside to `<name>.corrupt-<UTC time>`
+  (with its -wal/-shm), logged at error level naming both paths, and a fresh
+  one is started: a health daemon that refuses to start leaves the node
+  unwatched. Quarantine and job rows are copied from the old file where it
+  still reads them, so a corrupt page does not silently return an excluded
+  GPU to service. A database from a newer gpuguard is not corrupt: opening
+  it raises StoreError and touches nothing.
+- `append()` never raises for a failing disk (full, read-only, I/O error):
+  the event waits in a bounded in-memory backlog, each kind of failure is
+  logged once, and the next append writes the backlog first. Quarantine
+  and job writes raise StoreError instead: their caller must know.
+- Quarantine lives in its own table, so pruning events never un-excludes
+  a GPU. Event ids are AUTOINCREMENT: never reused after a prune, so
+  `since_id` polling stays correct.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from gpuguard.events import Event
+from gpuguard.health.types import Severity
+
+log = structlog.get_logger(__name__)
+
+SCHEMA_VERSION = 1
+BACKLOG_MAX = 1000
+BUSY_TIMEOUT_MS = 5000
+JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024  # the WAL is truncated to this after a checkpoint
+
+_EVENT_COLUMNS = "id, ts, kind, severity, gpu, job, xid, message, data"
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked; the message names the database file."""
+
+
+class _Corrupt(Exception):
+    """The database file does not read as SQLite, or fails its quick check."""
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineEntry:
+    uuid: str
+    reason: str
+    by: str
+    ts: float
+
+
+def _schema_v1(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        """CREATE TABLE events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts REAL NOT NULL,
+            kind TEXT NOT NULL,
+            severity TEXT NOT NULL,
+            gpu TEXT,
+            job TEXT,
+            xid INTEGER,
+            message TEXT NOT NULL,
+            data TEXT NOT NULL DEFAULT '{}'
+        )"""
+    )
+    conn.execute("CREATE INDEX events_gpu ON events (gpu, id)")
+    conn.execute("CREATE INDEX events_job ON events (job, id)")
+    conn.execute("CREATE INDEX events_ts ON events (ts)")
+    conn.execute("CREATE INDEX events_kind ON events (kind, id)")
+    conn.execute(
+        """CREATE TABLE quarantine (
+            uuid TEXT PRIMARY KEY,
+            reason TEXT NOT NULL,
+            by TEXT NOT NULL,
+            ts REAL NOT NULL
+        )"""
+    )
+    conn.execute(
+        """CREATE TABLE jobs (
+            name TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            updated REAL NOT NULL,
+            record TEXT NOT NULL
+        )"""
+    )
+
+
+# _MIGRATIONS[n] takes a database from user_version n to n + 1
+_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_v1,)
+assert len(_MIGRATIONS) == SCHEMA_VERSION
+
+
+def migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring the schema to SCHEMA_VERSION, one step per transaction."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: schema version {version} was written by a newer gpuguard (this one knows {SCHEMA_VERSION})"
+        )
+    for step in range(version, SCHEMA_VERSION):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            _MIGRATIONS[step](conn)
+            conn.execute(f"PRAGMA user_version = {step + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _json(value: Mapping[str, Any]) -> str:
+    # default=str: a Path or enum in the extras must not cost the whole event
+    return json.dumps(dict(value), default=str, separators=(",", ":"))
+
+
+def _event_from_row(row: tuple[Any, ...]) -> Event:
+    id_, ts, kind, severity, gpu, job, xid, message, data = row
+    return Event(
+        kind=kind,
+        severity=Severity(severity),
+        message=message,
+        gpu=gpu,
+        job=job,
+        xid=xid,
+        data=json.loads(data),
+        ts=ts,
+        id=id_,
+    )
+
+
+def _matches(event: Event, gpu: str | None, job: str | None, kinds: Sequence[str] | None) -> bool:
+    return (
+        (gpu is None or event.gpu == gpu)
+        and (job is None or event.job == job)
+        and (kinds is None or event.kind in kinds)
+    )
+
+
+class EventStore:
+    """The SQLite store; safe to share between threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._backlog: deque[Event] = deque(maxlen=BACKLOG_MAX)
+        self._dropped = 0  # backlog overflow since the last good write
+        self._failures: set[str] = set()  # failure kinds already logged
+        self._conn: sqlite3.Connection | None = self._open()
+
+    # --- opening -------------------------------------------------------
+    def _open(self) -> sqlite3.Connection:
+        try:
+            try:
+                return self._connect()
+            except _Corrupt as exc:
+                aside = self._move_aside(str(exc))
+            conn = self._connect()
+        except (OSError, sqlite3.Error, _Corrupt) as exc:
+            raise StoreError(f"{self.path}: cannot open the event store: {exc}") from exc
+        self._salvage(aside, conn)
+        return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.path.exists():
+            # SQLite gives the -wal and -shm files the database file's mode
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            os.chmod(self.path, 0o600)  # whatever the umask
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            check = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
+            if check != ["ok"]:
+                raise _Corrupt("; ".join(check[:5]))
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                log.warning("store_not_wal", path=str(self.path), journal_mode=mode)
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+            migrate(conn, self.path)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if _is_corruption(exc):
+                raise _Corrupt(str(exc)) from exc
+            raise
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _move_aside(self, why: str) -> Path:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{self.path}{suffix}")
+            if src.exists():
+                src.rename(f"{aside}{suffix}")
+        log.error("store_corrupt", path=str(self.path), moved_to=str(aside), error=why)
+        return aside
+
+    def _salvage(self, aside: Path, conn: sqlite3.Connection) -> None:
+        """Copy quarantine and job rows from the corrupt file, where it reads them."""
+        for table, columns in (("quarantine", "uuid, reason, by, ts"), ("jobs", "name, state, updated, record")):
+            marks = ", ".join("?" * len(columns.split(",")))
+            try:
+                old = sqlite3.connect(aside)
+                try:
+                    rows = old.execute(f"SELECT {columns} FROM {table}").fetchall()
+                finally:
+                    old.close()
+                conn.executemany(f"INSERT OR REPLACE INTO {table} ({columns}) VALUES ({marks})", rows)
+            except sqlite3.Error as exc:
+                log.error("store_salvage_failed", path=str(aside), table=table, error=str(exc))
+                continue
+            log.warning("store_salvaged", path=str(aside), table=table, rows=len(rows))
+
+    # --- plumbing ------------------------------------------------------
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"{self.path}: the event store is closed")
+        return self._conn
+
+    @staticmethod
+    def _write(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run `body` in one short write transaction."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = body(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    def _guarded_write(self, what: str, body: Callable[[sqlite3.Connection], Any]) -> Any:
+        """A write whose failure the caller must hear about, as StoreError."""
+        with self._lock:
+            try:
+                return self._write(self._connection(), body)
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: cannot {what}: {exc}") from exc
+
+    def _read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self._connection().execute(sql, tuple(params)).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: cannot read: {exc}") from exc
+
+    # --- events --------------------------------------------------------
+    def append(self, event: Event) -> Event:
+        """Store `event`; returns it with its id. On a failing disk the event
+        waits in the backlog (returned with id None) and this never raises."""
+        with self._lock:
+            conn = self._connection()
+            pending = [*self._backlog, event]
+            try:
+                stored = self._write(conn, lambda c: [self._insert(c, e) for e in pending])
+            except sqlite3.Error as exc:
+                self._on_failure(exc, event)
+                return event
+            if self._failures or self._dropped:
+                log.warning(
+                    "store_writable_again", path=str(self.path), flushed=len(pending) - 1, dropped=self._dropped
+                )
+            self._backlog.clear()
+            self._failures.clear()
+            self._dropped = 0
+            return stored[-1]
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, e: Event) -> Event:
+        cur = conn.execute(
+            "INSERT INTO events (ts, kind, severity, gpu, job, xid, message, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (e.ts, e.kind, e.severity.value, e.gpu, e.job, e.xid, e.message, _json(e.data)),
+        )
+        return replace(e, id=cur.lastrowid)
+
+    def _on_failure(self, exc: sqlite3.Error, event: Event) -> None:
+        if len(self._backlog) == self._backlog.maxlen:
+            self._dropped += 1
+        self._backlog.append(event)
+        why = str(exc)
+        if why not in self._failures:
+            self._failures.add(why)
+            log.error("store_write_failed", path=str(self.path), error=why, backlog=len(self._backlog))
+
+    @property
+    def backlog(self) -> int:
+        """Events waiting in memory for the disk to take them again."""
+        with self._lock:
+            return len(self._backlog)
+
+    def events(
+        self,
+        limit: int | None = 100,
+        gpu: str | None = None,
+        job: str | None = None,
+        kinds: Sequence[str] | None = None,
+        since_id: int | None = None,
+    ) -> list[Event]:
+        """The last `limit` matching events, oldest first (newest last).
+        Backlog events (not yet on disk, id None) count as the newest and
+        match any `since_id`."""
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("gpu", gpu), ("job", job)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if kinds is not None:
+            kinds = [str(k) for k in kinds]
+            where.append(f"kind IN ({', '.join('?' * len(kinds))})")
+            params.extend(kinds)
+        if since_id is not None:
+            where.append("id > ?")
+            params.append(since_id)
+        sql = f"SELECT {_EVENT_COLUMNS} FROM events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        with self._lock:
+            rows = self._read(sql, params)
+            waiting = [e for e in self._backlog if _matches(e, gpu, job, kinds)]
+        found = [_event_from_row(r) for r in reversed(rows)] + waiting
+        if limit is None:
+            return found
+        return found[-limit:] if limit > 0 else []
+
+    def prune(self, max_age_s: float, max_rows: int, now: float | None = None) -> int:
+        """Delete events older than `max_age_s`, then the oldest beyond
+        `max_rows`; returns how many went. Cheap when there is nothing to do:
+        two index lookups."""
+        cutoff = (time.time() if now is None else now) - max_age_s
+
+        def body(c: sqlite3.Connection) -> int:
+            gone = c.execute("DELETE FROM events WHERE ts < ?", (cutoff,)).rowcount
+            low, high = c.execute("SELECT (SELECT min(id) FROM events), (SELECT max(id) FROM events)").fetchone()
+            # ids are unique, so a span within max_rows means no more rows than that
+            if low is not None and high - low + 1 > max_rows:
+                newest_to_go = c.execute(
+                    "SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?", (max(max_rows, 0),)
+                ).fetchone()
+                if newest_to_go is not None:
+                    gone += c.execute("DELETE FROM events WHERE id <= ?", newest_to_go).rowcount
+            return gone
+
+        return int(self._guarded_write("prune events", body))
+
+    def size_bytes(self) -> int:
+        """The database file plus its write-ahead log, in bytes."""
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += os.stat(f"{self.path}{suffix}").st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    # --- quarantine ----------------------------------------------------
+    def exclude(self, uuid: str, reason: str, by: str, ts: float | None = None) -> None:
+        """Quarantine a GPU (again: the new reason replaces the old)."""
+        row = (uuid, reason, by, time.time() if ts is None else ts)
+        self._guarded_write(
+            "exclude a GPU",
+            lambda c: c.execute("INSERT OR REPLACE INTO quarantine (uuid, reason, by, ts) VALUES (?, ?, ?, ?)", row),
+        )
+
+    def include(self, uuid: str) -> bool:
+        """Return a GPU to service; False if it was not excluded."""
+        gone = self._guarded_write(
+            "include a GPU", lambda c: c.execute("DELETE FROM quarantine WHERE uuid = ?", (uuid,)).rowcount
+        )
+        return bool(gone)
+
+    def excluded(self) -> dict[str, QuarantineEntry]:
+        rows = self._read("SELECT uuid, reason, by, ts FROM quarantine ORDER BY ts, uuid")
+        return {r[0]: QuarantineEntry(*r) for r in rows}
+
+    # --- jobs ----------------------------------------------------------
+    def put_job(self, name: str, record: Mapping[str, Any]) -> None:
+        """Insert or replace a job's record; it must hold a "state"."""
+        if "state" not in record:
+            raise ValueError(f"job record for {name!r} has no 'state'")
+        row = (name, str(record["state"]), time.time(), _json(record))
+        self._guarded_write(
+            "save a job",
+            lambda c: c.execute("INSERT OR REPLACE INTO jobs (name, state, updated, record) VALUES (?, ?, ?, ?)", row),
+        )
+
+    def get_job(self, name: str) -> dict[str, Any] | None:
+        rows = self._read("SELECT record FROM jobs WHERE name = ?", (name,))
+        return json.loads(rows[0][0]) if rows else None
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every job record, by name."""
+        return [json.loads(r[0]) for r in self._read("SELECT record FROM jobs ORDER BY name")]
+
+    def delete_job(self, name: str) -> bool:
+        """Forget a job; False if there was no record."""
+        gone = self._guarded_write(
+            "delete a job", lambda c: c.execute("DELETE FROM jobs WHERE name = ?", (name,)).rowcount
+        )
+        return bool(gone)
+
+    # --- closing -------------------------------------------------------
+    def close(self) -> None:
+        """Write what the backlog still holds (once, best effort) and close."""
+        with self._lock:
+            if self._conn is None:
+                return
+            if self._backlog:
+                try:
+                    self._write(self._conn, lambda c: [self._insert(c, e) for e in self._backlog])
+                except sqlite3.Error as exc:
+                    log.error("store_backlog_lost", path=str(self.path), events=len(self._backlog), error=str(exc))
+                self._backlog.clear()
+            self._conn.close()
+            self._conn = None
