@@ -19,6 +19,15 @@ def _who(peer: PeerCred) -> str:
     return f"uid {peer.uid} (pid {peer.pid})"
 
 
+def _why(gpu: dict[str, Any]) -> str:
+    """The reason, plus the other serious findings behind it (at most three)."""
+    reasons = [gpu["reason"]] if gpu["reason"] else []
+    for finding in gpu["findings"]:
+        if finding["severity"] in ("error", "critical") and finding["message"] not in reasons:
+            reasons.append(finding["message"])
+    return "; ".join(reasons[:3]) or "no reason given"
+
+
 class DaemonController:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
@@ -47,7 +56,7 @@ class DaemonController:
         bad = [g for g in gpus if GpuState(g["state"]) in UNHEALTHY_STATES]
         if not bad:
             return {"status": "healthy", "message": f"gpuguard: all {len(gpus)} GPU(s) healthy"}
-        parts = [f"GPU {g['index']} ({g['uuid']}) {g['state']}: {g['reason'] or 'no reason given'}" for g in bad]
+        parts = [f"GPU {g['index']} ({g['uuid']}) {g['state']}: {_why(g)}" for g in bad]
         return {"status": "unhealthy", "message": "gpuguard: " + "; ".join(parts)}
 
     def healthy(self) -> list[dict[str, Any]]:
