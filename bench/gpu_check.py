@@ -134,6 +134,18 @@ def daemon_check(simulate: int | None, tmp: Path, out: Path, report: dict[str, A
         check = ctl("check")
         report["check"] = {"exit": check.returncode, "line": check.stdout.strip()}
         print(f"check: exit {check.returncode}: {check.stdout.strip()}")
+        t = time.monotonic()
+        reset = ctl("reset", "0")  # the dry-run command: NVML closed, echo run, NVML reopened
+        report["reset_dry_run"] = {
+            "exit": reset.returncode,
+            "s": round(time.monotonic() - t, 3),
+            "out": (reset.stdout + reset.stderr).strip(),
+        }
+        print(f"reset 0 (dry run): exit {reset.returncode} in {report['reset_dry_run']['s']} s: {report['reset_dry_run']['out']}")
+        time.sleep(2.5)  # a few polls after NVML was reopened
+        after = json.loads(ctl("status", "--json").stdout)
+        report["after_reset_states"] = [g["state"] for g in after["gpus"]]
+        print(f"states after the dry-run reset: {report['after_reset_states']}")
         print(ctl("events", "--limit", "20").stdout)
     finally:
         proc.terminate()
@@ -176,6 +188,7 @@ def main() -> int:
     print(f"   poll per GPU       {report['poll_median_ms_per_gpu']} ms (median of {args.polls})")
     print(f"   NVML events        {report['events_registered'] or 'none registered'}")
     print(f"   /dev/kmsg readable {report['kmsg_readable']}; /proc/devices: {report['proc_devices_nvidia']}")
+    print(f"   reset (dry run)    exit {report['reset_dry_run']['exit']} in {report['reset_dry_run']['s']} s; states after: {report['after_reset_states']}")
     print(f"   daemon             ready in {report['daemon_ready_s']} s, check exit {report['check']['exit']}, stop exit {report['daemon_exit']}")
     ok = report["daemon_exit"] == 0 and report["check"]["exit"] in (0, 1)
     return 0 if ok else 1
