@@ -87,6 +87,25 @@ class JobsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Prometheus exposition; off by default and bound to localhost when on."""
+
+    enabled: bool = False
+    address: str = "127.0.0.1"
+    port: int = 9402
+
+
+@dataclass(frozen=True, slots=True)
+class HooksConfig:
+    """Commands run when the node turns unhealthy or recovers: argv lists
+    with placeholders ({hostname}, {reason}, {gpus}), never a shell string."""
+
+    on_unhealthy: tuple[str, ...] = ()
+    on_recovered: tuple[str, ...] = ()
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class JobSpec:
     """One `[[job]]` table: the blueprint of a managed job."""
 
@@ -108,6 +127,8 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     reset: ResetConfig = field(default_factory=ResetConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
     job: tuple[JobSpec, ...] = ()
     source: Path | None = None  # the file it came from; None for built-in defaults
 

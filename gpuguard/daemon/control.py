@@ -3,13 +3,15 @@ gpuguard.control.commands), on top of `Daemon`."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from gpuguard.control.commands import CommandError, PeerCred
 from gpuguard.daemon.service import Daemon
-from gpuguard.events import Event
-from gpuguard.health.types import GpuState, Severity
+from gpuguard.health.types import GpuState
 from gpuguard.nvml.types import GpuInfo
+from gpuguard.supervisor.supervisor import JobError, Supervisor
 
 # states a node health check treats as "this node is not fit for work"
 UNHEALTHY_STATES = (GpuState.FAULTED, GpuState.EXCLUDED, GpuState.RESETTING, GpuState.UNKNOWN)
@@ -67,37 +69,23 @@ class DaemonController:
         ]
 
     def snapshots(self, name: str) -> list[dict[str, Any]]:
-        raise CommandError("managed jobs are not available in this version of gpuguardd", code="failed")
+        with _job_errors():
+            return self._supervisor().snapshots(name)
+
+    def _supervisor(self) -> Supervisor:
+        assert self.daemon.supervisor is not None
+        return self.daemon.supervisor
 
     # --- changing ------------------------------------------------------
     def exclude(self, gpu: str, reason: str | None, peer: PeerCred) -> dict[str, Any]:
         info = self._gpu(gpu)
         text = reason or "excluded by operator"
-        self.daemon.store.exclude(info.uuid, text, by=_who(peer))
-        self.daemon.record(
-            Event(
-                kind="gpu_excluded",
-                severity=Severity.WARNING,
-                message=f"GPU {info.index} excluded by {_who(peer)}: {text}",
-                gpu=info.uuid,
-                data={"by": _who(peer), "pci_bus_id": info.pci_bus_id},
-            )
-        )
+        self.daemon.exclude_gpu(info.uuid, text, by=_who(peer))
         return {"gpu": info.uuid, "index": info.index, "state": GpuState.EXCLUDED.value, "reason": text}
 
     def include(self, gpu: str, peer: PeerCred) -> dict[str, Any]:
         info = self._gpu(gpu)
-        changed = self.daemon.store.include(info.uuid)
-        if changed:
-            self.daemon.record(
-                Event(
-                    kind="gpu_included",
-                    severity=Severity.INFO,
-                    message=f"GPU {info.index} returned to service by {_who(peer)}",
-                    gpu=info.uuid,
-                    data={"by": _who(peer), "pci_bus_id": info.pci_bus_id},
-                )
-            )
+        changed = self.daemon.include_gpu(info.uuid, by=_who(peer))
         state, reason = self.daemon.gpu_state(info.uuid)
         return {"gpu": info.uuid, "index": info.index, "changed": changed, "state": state.value, "reason": reason}
 
@@ -123,10 +111,24 @@ class DaemonController:
         return {"gpu": info.uuid, "index": info.index, "injected": description}
 
     def run(self, spec: dict[str, Any], peer: PeerCred) -> dict[str, Any]:
-        raise CommandError("managed jobs are not available in this version of gpuguardd", code="failed")
+        with _job_errors():
+            job = self._supervisor().submit(spec, peer.uid, peer.gid, peer.groups)
+        return {"name": job.name, "state": job.state.value, "gpus": job.gpus, "pid": job.pid, "attempt": job.attempt}
 
     def stop(self, name: str, peer: PeerCred) -> dict[str, Any]:
-        raise CommandError("managed jobs are not available in this version of gpuguardd", code="failed")
+        with _job_errors():
+            job = self._supervisor().stop(name, by=_who(peer))
+        return {"name": job.name, "state": job.state.value}
 
     def rollback(self, name: str, snapshot: str | None, peer: PeerCred) -> dict[str, Any]:
-        raise CommandError("managed jobs are not available in this version of gpuguardd", code="failed")
+        with _job_errors():
+            return self._supervisor().rollback(name, snapshot, by=_who(peer))
+
+
+@contextlib.contextmanager
+def _job_errors() -> Iterator[None]:
+    """A supervisor refusal becomes the control protocol's error reply."""
+    try:
+        yield
+    except JobError as exc:
+        raise CommandError(str(exc), code=exc.code) from None

@@ -23,7 +23,7 @@ import structlog
 
 from gpuguard import __version__, sdnotify
 from gpuguard.actions.reset import ResetResult, reset_argv, run_reset_command
-from gpuguard.config import Config
+from gpuguard.config import Config, ResetConfig
 from gpuguard.daemon.monitor import Monitor, snapshot_metrics
 from gpuguard.events import Event
 from gpuguard.health.types import Action, GpuState, Severity
@@ -33,6 +33,7 @@ from gpuguard.nvml.backend import Backend
 from gpuguard.nvml.types import DriverInfo, GpuInfo, NvmlEvent
 from gpuguard.observations import XidObservation
 from gpuguard.store import EventStore
+from gpuguard.supervisor.supervisor import Supervisor
 
 log = structlog.get_logger("gpuguard.daemon")
 
@@ -43,6 +44,11 @@ EVENT_WAIT_S = 1.0  # one nvmlEventSetWait slice; the thread checks for stop bet
 @dataclass(frozen=True)
 class _PollNow:
     """Ask the main loop for a poll at once (after an injected fault, a reset)."""
+
+
+@dataclass(frozen=True)
+class _Wake:
+    """Run the loop's evaluation and supervisor tick now (a stop finished)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,7 @@ class Daemon:
         self.driver: DriverInfo = DriverInfo(None, None, None)
         self.inventory: list[GpuInfo] = []
         self.monitor: Monitor | None = None
+        self.supervisor: Supervisor | None = None
         self._threads: list[threading.Thread] = []
         # held around every NVML use that a reset must not overlap
         self._poll_lock = threading.Lock()
@@ -100,6 +107,7 @@ class Daemon:
         self.driver = self.backend.driver_info()
         self.inventory = self.backend.inventory()
         self.monitor = Monitor(self.inventory, self.config.health)
+        self.supervisor = Supervisor(self)
         self.record(
             Event(
                 kind="daemon_started",
@@ -111,6 +119,10 @@ class Daemon:
         for info in self.inventory:
             log.info("gpu", gpu_index=info.index, gpu_uuid=info.uuid, pci_bus_id=info.pci_bus_id, name=info.name)
         self._kernel_log = KernelLogSource(self.kernel_log_path)
+        self.poll()  # jobs are placed on GPUs whose health is known
+        with self.lock:
+            self.monitor.evaluate(time.time())
+            self.supervisor.start()
         self._spawn("kmsg", self._kernel_log_loop)
         if self.config.monitor.nvml_events:
             self._spawn("nvml-events", self._nvml_event_loop)
@@ -130,6 +142,8 @@ class Daemon:
         self.record(Event(kind="daemon_stopped", severity=Severity.INFO, message="gpuguardd stopped"))
         if self._kernel_log is not None:
             self._kernel_log.close()
+        if self.supervisor is not None:
+            self.supervisor.close()  # jobs keep running; a new daemon re-adopts them
         try:
             self.backend.close()
         except Exception as exc:  # stopping must finish even if NVML misbehaves
@@ -184,9 +198,11 @@ class Daemon:
                 self.poll()
                 next_poll = max(next_poll + interval, now_mono + (0 if poll_now else interval * 0.5))
             with self.lock:
-                assert self.monitor is not None
-                for event in self.monitor.evaluate(time.time()):
+                assert self.monitor is not None and self.supervisor is not None
+                now = time.time()
+                for event in self.monitor.evaluate(now):
                     self.record(event)
+                self.supervisor.tick(now)
             if not ready and self.last_poll_at is not None:
                 ready = True
                 sdnotify.notify("READY=1\nSTATUS=" + self.summary())
@@ -247,6 +263,9 @@ class Daemon:
 
     def request_poll(self) -> None:
         self.queue.put(_PollNow())
+
+    def wake(self) -> None:
+        self.queue.put(_Wake())
 
     def request_reload(self) -> None:
         """From the SIGHUP handler: only queue it, the main loop does the work."""
@@ -318,15 +337,88 @@ class Daemon:
         from gpuguard.sim.backend import SimulatedBackend
 
         with self._poll_lock, self._events_lock:
-            if isinstance(self.backend, SimulatedBackend):
-                ok, detail = self.backend.reset(info.index)
-                return ResetResult(ok, detail)
             argv = reset_argv(self.config.reset.command, info)
+            if isinstance(self.backend, SimulatedBackend):
+                # a reset command set in the config runs first (tests record it);
+                # the simulated hardware resets only if it succeeds
+                if self.config.reset.command != ResetConfig().command:
+                    result = run_reset_command(argv, self.config.reset.timeout_s)
+                    if not result.ok:
+                        return result
+                ok, detail = self.backend.reset(info.index)
+                return ResetResult(ok, detail, tuple(argv))
             self.backend.close()
             try:
                 return run_reset_command(argv, self.config.reset.timeout_s)
             finally:
                 self.backend.open()
+
+    def exclude_gpu(self, uuid: str, reason: str, by: str) -> None:
+        """Quarantine a GPU (persists across restarts) and say so."""
+        assert self.monitor is not None
+        info = self.monitor.tracks[uuid].info
+        self.store.exclude(uuid, reason, by=by)
+        self.record(
+            Event(
+                kind="gpu_excluded",
+                severity=Severity.WARNING,
+                message=f"GPU {info.index} excluded by {by}: {reason}",
+                gpu=uuid,
+                data={"by": by, "pci_bus_id": info.pci_bus_id},
+            )
+        )
+
+    def include_gpu(self, uuid: str, by: str, why: str = "") -> bool:
+        """Return a GPU to service; False when it was not excluded."""
+        assert self.monitor is not None
+        info = self.monitor.tracks[uuid].info
+        changed = self.store.include(uuid)
+        if changed:
+            self.record(
+                Event(
+                    kind="gpu_included",
+                    severity=Severity.INFO,
+                    message=f"GPU {info.index} returned to service by {by}" + (f": {why}" if why else ""),
+                    gpu=uuid,
+                    data={"by": by, "pci_bus_id": info.pci_bus_id},
+                )
+            )
+        return changed
+
+    def resets_today(self, uuid: str) -> int:
+        since = time.time() - 86400
+        return sum(1 for e in self.store.events(limit=None, gpu=uuid, kinds=["gpu_reset"]) if e.ts >= since and e.data.get("ok"))
+
+    def schedule_reset(self, uuid: str, by: str) -> None:
+        """After a job left a GPU of the reset class: reset it, then probation."""
+        if self.resets_today(uuid) >= self.config.reset.max_per_gpu_per_day:
+            self.record(
+                Event(
+                    kind="gpu_reset",
+                    severity=Severity.ERROR,
+                    gpu=uuid,
+                    message=f"no reset of this GPU: {self.config.reset.max_per_gpu_per_day} reset(s) in the last 24 h already; it stays excluded",
+                    data={"ok": False, "by": by, "skipped": True},
+                )
+            )
+            return
+
+        def run() -> None:
+            asked = time.time()
+            self.request_poll()  # the process list must be fresh: the job just left
+            deadline = time.monotonic() + 3 * self.config.monitor.poll_interval_s + self.config.monitor.nvml_timeout_s
+            while (self.last_poll_at or 0) <= asked and time.monotonic() < deadline and not self.stopping.is_set():
+                time.sleep(0.02)
+            result = self.reset_gpu(uuid, by=by)
+            if result.ok and self.supervisor is not None:
+                with self.lock:
+                    self.supervisor.start_probation(uuid)
+
+        threading.Thread(target=run, name=f"reset-{uuid[:12]}", daemon=True).start()
+
+    def node_unhealthy(self, reason: str) -> None:
+        """The node itself needs attention (a reboot-class fault)."""
+        log.critical("node_unhealthy", reason=reason)
 
     # --- events --------------------------------------------------------
     def record(self, event: Event) -> Event:
@@ -375,7 +467,7 @@ class Daemon:
                     "name": track.info.name,
                     "state": state.value,
                     "reason": reason,
-                    "jobs": [],
+                    "jobs": self.supervisor.jobs_on(uuid) if self.supervisor else [],
                     "health": verdict.state.value if verdict else GpuState.UNKNOWN.value,
                     "action": verdict.action.value if verdict else None,
                     "findings": [
@@ -409,7 +501,7 @@ class Daemon:
                 "store_bytes": self.store.size_bytes(),
             },
             "gpus": self.gpu_status(),
-            "jobs": [],
+            "jobs": self.supervisor.view() if self.supervisor else [],
         }
 
     def summary(self) -> str:

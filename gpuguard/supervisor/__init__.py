@@ -1,0 +1,1 @@
+"""Supervisor: managed training jobs."""

@@ -1,0 +1,276 @@
+"""The snapshot ring on real files under tmp_path; a fake clock stands in for time."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from gpuguard.supervisor import snapshots
+from gpuguard.supervisor.snapshots import Snapshot, SnapshotRing, band, select_retained
+
+from .test_checkpoints import checkpoint_bytes, make_checkpoint
+
+HOUR = 3600.0
+T0 = 1_800_000_000.0
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def ring(tmp_path: Path, clock: Clock) -> SnapshotRing:
+    return SnapshotRing(tmp_path / "snapshots", keep_newest=3, max_bytes=10**9, clock=clock)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path / "work"
+
+
+def write_epoch(workdir: Path, epoch: int) -> Path:
+    path = workdir / "runs" / "weights" / "last.pt"
+    make_checkpoint(path, bytes([epoch % 256]) * 2048, epoch=epoch)
+    return path
+
+
+def job_files(ring: SnapshotRing, job: str = "yolo") -> list[str]:
+    return sorted(p.name for p in (ring.root / job).iterdir())
+
+
+def test_add_list_newest_get_before_newest(ring: SnapshotRing, workdir: Path, clock: Clock) -> None:
+    first = ring.add("yolo", write_epoch(workdir, 1), job_workdir=workdir, meta={"epoch": 1, "attempt": 1})
+    assert first.saved and first.snapshot is not None
+    clock.now += 60
+    second = ring.add("yolo", write_epoch(workdir, 2), job_workdir=workdir, meta={"epoch": 2, "attempt": 1})
+    assert second.snapshot is not None
+
+    listed = ring.list("yolo")
+    assert [s.id for s in listed] == [second.snapshot.id, first.snapshot.id]
+    assert ring.newest("yolo") == second.snapshot
+    assert ring.before_newest("yolo") == first.snapshot
+    assert ring.get("yolo", first.snapshot.id) == first.snapshot
+    assert ring.get("yolo", "../../etc/passwd") is None
+
+    snap = second.snapshot
+    assert snap.path.read_bytes() == (workdir / "runs/weights/last.pt").read_bytes()
+    assert snap.path.stat().st_mtime == (workdir / "runs/weights/last.pt").stat().st_mtime
+    assert snap.meta == {"epoch": 2, "attempt": 1}
+    assert snap.source == str(workdir / "runs/weights/last.pt")
+    assert snap.id.startswith("20270115T080100Z-000002-") and snap.id.endswith(snap.sha256[:8])
+    sidecar = json.loads(snap.path.with_suffix(".json").read_text())
+    assert {"source", "size", "sha256", "mtime", "validated_at", "meta"} <= sidecar.keys()
+    assert snap.to_json()["created"] == "2027-01-15T08:01:00+00:00"
+    assert job_files(ring) == sorted(f"{s.id}{ext}" for s in listed for ext in (".json", ".pt"))
+
+
+def test_empty_job(ring: SnapshotRing) -> None:
+    assert ring.list("none") == [] and ring.newest("none") is None
+    assert ring.before_newest("none") is None and ring.newest_valid("none") is None
+
+
+def test_same_content_is_not_copied_again(ring: SnapshotRing, workdir: Path) -> None:
+    src = write_epoch(workdir, 1)
+    first = ring.add("yolo", src, job_workdir=workdir)
+    src.touch()  # same bytes, new mtime
+    again = ring.add("yolo", src, job_workdir=workdir)
+    assert not again.saved and again.snapshot == first.snapshot
+    assert "unchanged" in again.reason
+    assert len(ring.list("yolo")) == 1
+
+
+def test_same_content_copied_again_when_the_newest_copy_broke(ring: SnapshotRing, workdir: Path) -> None:
+    src = write_epoch(workdir, 1)
+    first = ring.add("yolo", src, job_workdir=workdir).snapshot
+    assert first is not None
+    first.path.write_bytes(first.path.read_bytes()[:-10])
+    again = ring.add("yolo", src, job_workdir=workdir)
+    assert again.saved and again.snapshot is not None and again.snapshot.id != first.id
+    assert ring.newest_valid("yolo") == again.snapshot
+
+
+def test_invalid_source_refused(ring: SnapshotRing, workdir: Path) -> None:
+    src = workdir / "last.pt"
+    src.parent.mkdir(parents=True)
+    src.write_bytes(checkpoint_bytes()[:-100])
+    result = ring.add("yolo", src, job_workdir=workdir)
+    assert result.snapshot is None and "truncated" in result.reason
+    assert ring.add("yolo", workdir / "absent.pt", job_workdir=workdir).reason == "no such file"
+    assert ring.list("yolo") == []
+
+
+def test_symlinks_and_outside_workdir_refused(ring: SnapshotRing, workdir: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere" / "secret.pt"
+    make_checkpoint(outside)
+    workdir.mkdir()
+
+    (workdir / "link.pt").symlink_to(outside)
+    assert ring.add("yolo", workdir / "link.pt", job_workdir=workdir).reason == "source is a symlink"
+    assert ring.add("yolo", workdir / "link.pt", job_workdir=None).reason == "source is a symlink"
+
+    (workdir / "runs").symlink_to(outside.parent)  # a directory link inside the workdir
+    result = ring.add("yolo", workdir / "runs" / "secret.pt", job_workdir=workdir)
+    assert result.snapshot is None and "symlink" in result.reason
+
+    result = ring.add("yolo", outside, job_workdir=workdir)
+    assert result.snapshot is None and "outside the job's workdir" in result.reason
+    result = ring.add("yolo", workdir / ".." / "elsewhere" / "secret.pt", job_workdir=workdir)
+    assert "outside" in result.reason
+    assert ring.list("yolo") == []
+
+
+def test_workdir_given_through_a_symlink(ring: SnapshotRing, workdir: Path, tmp_path: Path) -> None:
+    src = write_epoch(workdir, 1)
+    (tmp_path / "alias").symlink_to(workdir)
+    resolved_src = ring.add("yolo", src, job_workdir=tmp_path / "alias")
+    assert resolved_src.saved
+
+
+def test_bad_job_names(ring: SnapshotRing, workdir: Path) -> None:
+    for name in ("..", "../x", "a/b", "", ".hidden", "x" * 65):
+        with pytest.raises(ValueError, match="invalid job name"):
+            ring.list(name)
+        with pytest.raises(ValueError):
+            ring.add(name, write_epoch(workdir, 1))
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_disk_full_keeps_last_good(
+    ring: SnapshotRing, workdir: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    good = ring.add("yolo", write_epoch(workdir, 1), job_workdir=workdir).snapshot
+    assert good is not None
+    real_copy = snapshots._copy_fd
+
+    def fills_up(src_fd: int, dst_fd: int) -> None:
+        os.write(dst_fd, b"partial")
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(snapshots, "_copy_fd", fills_up)
+    result = ring.add("yolo", write_epoch(workdir, 2), job_workdir=workdir)
+    assert result.snapshot is None and result.reason == "disk full"
+    assert job_files(ring) == sorted([f"{good.id}.pt", f"{good.id}.json"])
+    assert ring.newest_valid("yolo") == good
+
+    monkeypatch.setattr(snapshots, "_copy_fd", real_copy)
+    assert ring.add("yolo", write_epoch(workdir, 2), job_workdir=workdir).saved
+
+
+def test_source_truncated_during_copy(ring: SnapshotRing, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = write_epoch(workdir, 1)
+    real_copy = snapshots._copy_fd
+
+    def trainer_rewrites(src_fd: int, dst_fd: int) -> None:
+        with src.open("r+b") as f:  # write_bytes truncates in place, then dies
+            f.truncate(100)
+        real_copy(src_fd, dst_fd)
+
+    monkeypatch.setattr(snapshots, "_copy_fd", trainer_rewrites)
+    result = ring.add("yolo", src, job_workdir=workdir)
+    assert result.snapshot is None and "source changed during copy" in result.reason
+    assert not (ring.root / "yolo").exists() or job_files(ring) == []
+
+
+def test_leftovers_cleaned_at_startup(tmp_path: Path, workdir: Path, clock: Clock) -> None:
+    root = tmp_path / "snapshots"
+    ring = SnapshotRing(root, max_bytes=10**9, clock=clock)
+    good = ring.add("yolo", write_epoch(workdir, 1), job_workdir=workdir).snapshot
+    assert good is not None
+    (root / "yolo" / ".tmp-0123.pt").write_bytes(b"half a copy")
+    (root / "yolo" / ".tmp-4567.json").write_bytes(b"{")
+    orphan = root / "yolo" / "20270115T090000Z-000009-deadbeef.json"
+    orphan.write_text("{}")
+
+    reopened = SnapshotRing(root, max_bytes=10**9, clock=clock)
+    assert job_files(reopened) == sorted([f"{good.id}.pt", f"{good.id}.json"])
+    assert reopened.list("yolo") == [good]
+
+
+def test_newest_valid_skips_corrupted(ring: SnapshotRing, workdir: Path, clock: Clock) -> None:
+    older = ring.add("yolo", write_epoch(workdir, 1), job_workdir=workdir).snapshot
+    clock.now += 60
+    newer = ring.add("yolo", write_epoch(workdir, 2), job_workdir=workdir).snapshot
+    assert older is not None and newer is not None
+    assert ring.newest_valid("yolo") == newer
+
+    os.utime(newer.path)  # only the mtime moved: full check, same sha -> still valid
+    assert ring.newest_valid("yolo") == newer
+
+    data = bytearray(newer.path.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    newer.path.write_bytes(bytes(data))
+    assert ring.newest_valid("yolo") == older
+
+    newer.path.write_bytes(checkpoint_bytes(b"other"))  # a valid zip, but not what was recorded
+    assert ring.newest_valid("yolo") == older
+
+
+def test_remove_job(ring: SnapshotRing, workdir: Path) -> None:
+    ring.add("yolo", write_epoch(workdir, 1), job_workdir=workdir)
+    ring.remove_job("yolo")
+    assert ring.list("yolo") == [] and not (ring.root / "yolo").exists()
+    ring.remove_job("yolo")  # again: nothing to do
+
+
+# ---- retention ---------------------------------------------------------------------
+
+
+def fake(seq: int, age_h: float, size: int = 100) -> Snapshot:
+    return Snapshot(
+        id=f"s{seq}", path=Path(f"/x/s{seq}.pt"), size=size, created=T0 - age_h * HOUR, sha256="0" * 64, seq=seq
+    )
+
+
+def ids(snaps: list[Snapshot]) -> list[str]:
+    return [s.id for s in snaps]
+
+
+def test_bands() -> None:
+    assert [band(h * HOUR) for h in (0, 0.99, 1, 1.9, 2, 3.9, 4, 100)] == [0, 0, 1, 1, 2, 2, 3, 7]
+
+
+def test_retention_keeps_newest_and_oldest_per_band() -> None:
+    ages = [0.0, 0.1, 0.2, 0.3, 0.5, 0.9, 1.2, 1.8, 2.5, 3.5, 5.0, 7.0, 20.0, 30.0, 100.0]
+    snaps = [fake(len(ages) - i, age) for i, age in enumerate(ages)]  # newest (highest seq) first
+    kept = select_retained(snaps, now=T0, keep_newest=3, max_bytes=10**9, protect="s15")
+    # newest 3; band 0 -> 0.9h; band 1 -> 1.8h; band 2 -> 3.5h; band 3 -> 7h; band 5 -> 30h; band 7 -> 100h
+    assert ids(kept) == ["s15", "s14", "s13", "s10", "s8", "s6", "s4", "s2", "s1"]
+
+
+def test_retention_max_bytes_drops_oldest_never_the_protected() -> None:
+    snaps = [fake(5, 0, 400), fake(4, 1, 300), fake(3, 2, 200), fake(2, 4, 100), fake(1, 8, 100)]
+    kept = select_retained(snaps, now=T0, keep_newest=5, max_bytes=750, protect="s5")
+    assert ids(kept) == ["s5", "s4"]
+    alone = select_retained(snaps, now=T0, keep_newest=5, max_bytes=10, protect="s5")
+    assert ids(alone) == ["s5"]
+
+
+def test_ring_applies_retention_after_each_add(tmp_path: Path, workdir: Path, clock: Clock) -> None:
+    size = len(checkpoint_bytes(b"\x00" * 2048))
+    ring = SnapshotRing(tmp_path / "snapshots", keep_newest=2, max_bytes=4 * size, clock=clock)
+    added = []
+    for epoch in range(8):  # one per 10 minutes: the oldest ages into band 1 at the 7th
+        snap = ring.add("yolo", write_epoch(workdir, epoch), job_workdir=workdir).snapshot
+        assert snap is not None
+        added.append(snap)
+        clock.now += 600
+    assert ids(ring.list("yolo")) == ids([added[7], added[6], added[4], added[0]])
+    assert len(job_files(ring)) == 8
+
+    # with a byte cap below even one snapshot, the newest still stays
+    tight = SnapshotRing(ring.root, keep_newest=2, max_bytes=1, clock=clock)
+    newest = tight.add("yolo", write_epoch(workdir, 99), job_workdir=workdir).snapshot
+    assert tight.list("yolo") == [newest]
