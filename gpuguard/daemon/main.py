@@ -41,11 +41,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_state_dir(path: Path) -> None:
-    """Create the state dir (0750); refuse one that others can write."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o750)
+    """Create the state dir (0711: jobs reach their own files, list nothing);
+    refuse one that others can write."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o711)
     st = path.stat()
     if st.st_mode & 0o002 and not st.st_mode & 0o1000:
-        raise ConfigError(None, "daemon.state_dir", f"{path} is writable by every user; make it 0750 or 0700")
+        raise ConfigError(None, "daemon.state_dir", f"{path} is writable by every user; make it 0711 or 0700")
 
 
 def make_backend(config: Config, simulate: int | None) -> tuple[Backend, Path]:
