@@ -98,7 +98,7 @@ class MetricsConfig:
 @dataclass(frozen=True, slots=True)
 class HooksConfig:
     """Commands run when the node turns unhealthy or recovers: argv lists
-    with placeholders ({hostname}, {reason}, {gpus}), never a shell string."""
+    with placeholders ({hostname}, {reason}, {gpus}, {uuids}, {state}), never a shell string."""
 
     on_unhealthy: tuple[str, ...] = ()
     on_recovered: tuple[str, ...] = ()
@@ -149,6 +149,7 @@ class ConfigError(ValueError):
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "console", "json")
 RESET_PLACEHOLDERS = ("uuid", "index", "pci_bus_id")
+HOOK_PLACEHOLDERS = ("hostname", "reason", "gpus", "uuids", "state")
 JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # variables gpuguard sets for every job (CONTRACT.md); a [[job]] env cannot set them
 RESERVED_ENV = "CUDA_VISIBLE_DEVICES"
@@ -350,7 +351,19 @@ def _problems(config: Config) -> Iterator[tuple[str, str]]:
         yield "health.temperature_degraded_c", (
             f"must be below temperature_faulted_c ({health.temperature_faulted_c}); got {health.temperature_degraded_c}"
         )
-    yield from _reset_command_problems(reset.command)
+    if not reset.command or not reset.command[0]:
+        yield "reset.command", "must name a program: a non-empty argv list"
+    else:
+        yield from _placeholder_problems("reset.command", reset.command, RESET_PLACEHOLDERS)
+    if not 1 <= config.metrics.port <= 65535:
+        yield "metrics.port", f"must be a TCP port, 1 to 65535; got {config.metrics.port}"
+    if not config.metrics.address:
+        yield "metrics.address", 'must not be empty; "127.0.0.1" keeps metrics on this machine'
+    for name in ("on_unhealthy", "on_recovered"):
+        hook = getattr(config.hooks, name)
+        if hook and not hook[0]:
+            yield f"hooks.{name}", "must name a program, or be empty for no hook"
+        yield from _placeholder_problems(f"hooks.{name}", hook, HOOK_PLACEHOLDERS)
     if jobs.backoff_initial_s > jobs.backoff_max_s:
         yield "jobs.backoff_initial_s", f"must not exceed backoff_max_s ({jobs.backoff_max_s}); got {jobs.backoff_initial_s}"
     problem = _signal_problem(jobs.checkpoint_signal)
@@ -403,23 +416,21 @@ def _signal_problem(name: str) -> str | None:
     return None
 
 
-def _reset_command_problems(command: tuple[str, ...]) -> Iterator[tuple[str, str]]:
-    """The reset argv: a program, and only the placeholders reset_argv fills in."""
-    if not command or not command[0]:
-        yield "reset.command", "must name a program: a non-empty argv list"
-        return
-    allowed = ", ".join(f"{{{name}}}" for name in RESET_PLACEHOLDERS)
-    for i, arg in enumerate(command):
+def _placeholder_problems(key: str, argv: tuple[str, ...], placeholders: tuple[str, ...]) -> Iterator[tuple[str, str]]:
+    """An argv template's arguments: only the given {placeholders}, each well formed,
+    so filling them in (str.format_map) can never fail at the moment it matters."""
+    allowed = ", ".join(f"{{{name}}}" for name in placeholders)
+    for i, arg in enumerate(argv):
         try:
             names = [name for _, name, _, _ in string.Formatter().parse(arg) if name is not None]
-            unknown = [name for name in names if name not in RESET_PLACEHOLDERS]
+            unknown = [name for name in names if name not in placeholders]
             if not unknown:
-                arg.format_map(dict.fromkeys(RESET_PLACEHOLDERS, "x"))
+                arg.format_map(dict.fromkeys(placeholders, "x"))
         except ValueError as exc:
-            yield f"reset.command[{i}]", f"bad placeholder in {json.dumps(arg)}: {exc} (write {{{{ for a literal brace)"
+            yield f"{key}[{i}]", f"bad placeholder in {json.dumps(arg)}: {exc} (write {{{{ for a literal brace)"
             continue
         if unknown:
-            yield f"reset.command[{i}]", f"unknown placeholder {{{unknown[0]}}} in {json.dumps(arg)}; allowed: {allowed}"
+            yield f"{key}[{i}]", f"unknown placeholder {{{unknown[0]}}} in {json.dumps(arg)}; allowed: {allowed}"
 
 
 def _job_problems(job: JobSpec, key: str, seen: dict[str, int]) -> Iterator[tuple[str, str]]:

@@ -9,6 +9,7 @@ source can never fake liveness.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -22,6 +23,7 @@ from typing import Any
 import structlog
 
 from gpuguard import __version__, sdnotify
+from gpuguard.actions.hooks import NodeHooks
 from gpuguard.actions.reset import ResetResult, reset_argv, run_reset_command
 from gpuguard.config import Config, ResetConfig
 from gpuguard.daemon.monitor import Monitor, snapshot_metrics
@@ -32,7 +34,8 @@ from gpuguard.kmsg.reader import KernelLogSource
 from gpuguard.nvml.backend import Backend
 from gpuguard.nvml.types import DriverInfo, GpuInfo, NvmlEvent
 from gpuguard.observations import XidObservation
-from gpuguard.store import EventStore
+from gpuguard.metrics import MetricsServer, start_metrics_server
+from gpuguard.store import EventStore, QuarantineEntry
 from gpuguard.supervisor.supervisor import Supervisor
 
 log = structlog.get_logger("gpuguard.daemon")
@@ -67,6 +70,9 @@ RESTART_KEYS = (
     "monitor.kernel_log",
     "monitor.nvml_timeout_s",
     "monitor.nvml_events",
+    "metrics.enabled",
+    "metrics.address",
+    "metrics.port",
 )
 
 
@@ -98,6 +104,12 @@ class Daemon:
         # held around every NVML use that a reset must not overlap
         self._poll_lock = threading.Lock()
         self._events_lock = threading.Lock()
+        self.hooks = NodeHooks(config.hooks, self.record)
+        self._xid_counts: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._node_bad: frozenset[str] | None = None
+        self.metrics_server: MetricsServer | None = None
+        # the store is the memory; this copy keeps the hot path free of SQL
+        self.excluded: dict[str, QuarantineEntry] = store.excluded()
         self._kernel_log: KernelLogSource | None = None
 
     # --- lifecycle -----------------------------------------------------
@@ -124,6 +136,11 @@ class Daemon:
             self.monitor.evaluate(time.time())
             self.supervisor.start()
         self._spawn("kmsg", self._kernel_log_loop)
+        if self.config.metrics.enabled:
+            try:
+                self.metrics_server = start_metrics_server(self.config.metrics, self)
+            except OSError as exc:
+                log.error("metrics_unavailable", address=self.config.metrics.address, port=self.config.metrics.port, error=str(exc))
         if self.config.monitor.nvml_events:
             self._spawn("nvml-events", self._nvml_event_loop)
 
@@ -148,6 +165,9 @@ class Daemon:
             self.backend.close()
         except Exception as exc:  # stopping must finish even if NVML misbehaves
             log.warning("backend_close_failed", error=str(exc))
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        self.hooks.wait_idle(5.0)
         self.store.close()
 
     # --- sources (their own threads) ----------------------------------
@@ -203,6 +223,7 @@ class Daemon:
                 for event in self.monitor.evaluate(now):
                     self.record(event)
                 self.supervisor.tick(now)
+                self._node_hooks()
             if not ready and self.last_poll_at is not None:
                 ready = True
                 sdnotify.notify("READY=1\nSTATUS=" + self.summary())
@@ -297,6 +318,7 @@ class Daemon:
             self.config = replace(new, daemon=old.daemon, monitor=monitor_cfg)
             if self.monitor is not None:
                 self.monitor.config = new.health
+            self.hooks.config = new.hooks
         logging.getLogger().setLevel(new.daemon.log_level.upper())
         log.info("config_reloaded", source=str(new.source), needs_restart=ignored or None)
 
@@ -358,6 +380,7 @@ class Daemon:
         assert self.monitor is not None
         info = self.monitor.tracks[uuid].info
         self.store.exclude(uuid, reason, by=by)
+        self.excluded = self.store.excluded()
         self.record(
             Event(
                 kind="gpu_excluded",
@@ -373,6 +396,7 @@ class Daemon:
         assert self.monitor is not None
         info = self.monitor.tracks[uuid].info
         changed = self.store.include(uuid)
+        self.excluded = self.store.excluded()
         if changed:
             self.record(
                 Event(
@@ -416,6 +440,28 @@ class Daemon:
 
         threading.Thread(target=run, name=f"reset-{uuid[:12]}", daemon=True).start()
 
+    def xid_counts(self) -> dict[tuple[str, int], int]:
+        """Xids seen per (GPU, code) since the daemon started, for the metrics."""
+        with self.lock:
+            return dict(self._xid_counts)
+
+    def _node_hooks(self) -> None:
+        """Run the node hooks when the set of unfit GPUs changes."""
+        from gpuguard.daemon.control import UNHEALTHY_STATES
+
+        assert self.monitor is not None
+        states = {uuid: self.gpu_state(uuid) for uuid in self.monitor.tracks}
+        uuids = frozenset(u for u, (state, _) in states.items() if state in UNHEALTHY_STATES)
+        if uuids == self._node_bad:
+            return
+        previous, self._node_bad = self._node_bad, uuids
+        gpus = self.gpu_status()
+        bad = [g for g in gpus if g["uuid"] in uuids]
+        if bad:
+            self.hooks.on_unhealthy("; ".join(f"GPU {g['index']} {g['state']}: {g['reason'] or g['state']}" for g in bad), bad)
+        elif previous:
+            self.hooks.on_recovered(f"all {len(gpus)} GPU(s) healthy", gpus)
+
     def node_unhealthy(self, reason: str) -> None:
         """The node itself needs attention (a reboot-class fault)."""
         log.critical("node_unhealthy", reason=reason)
@@ -424,6 +470,9 @@ class Daemon:
     def record(self, event: Event) -> Event:
         """Store an event and log it at its severity (faults at err or above)."""
         stored = self.store.append(event)
+        if event.kind == "xid" and event.gpu and event.xid is not None:
+            with self.lock:
+                self._xid_counts[(event.gpu, event.xid)] += 1
         fields: dict[str, Any] = {"kind": event.kind, "gpu_uuid": event.gpu, "job": event.job}
         if event.xid is not None:
             fields["xid"] = event.xid
@@ -444,7 +493,7 @@ class Daemon:
         assert self.monitor is not None
         if uuid in self.resetting:
             return GpuState.RESETTING, "reset in progress"
-        quarantine = self.store.excluded().get(uuid)
+        quarantine = self.excluded.get(uuid)
         if quarantine is not None:
             return GpuState.EXCLUDED, quarantine.reason
         verdict = self.monitor.verdict(uuid)
@@ -455,7 +504,7 @@ class Daemon:
     def gpu_status(self) -> list[dict[str, Any]]:
         assert self.monitor is not None
         out = []
-        excluded = self.store.excluded()
+        excluded = self.excluded
         with self.lock:
             for uuid, track in self.monitor.tracks.items():
                 state, reason = self.gpu_state(uuid)
