@@ -55,6 +55,7 @@ def make_backend(config: Config, simulate: int | None) -> tuple[Backend, Path]:
         from gpuguard.sim.backend import SimulatedBackend
 
         kmsg = config.daemon.state_dir / SIM_KERNEL_LOG
+        kmsg.touch(mode=0o600)  # followed from the start, before the first injected Xid
         return SimulatedBackend(simulate, kmsg, timeout_s=config.monitor.nvml_timeout_s), kmsg
     from gpuguard.nvml.real import NvmlBackend
 

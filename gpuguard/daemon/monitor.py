@@ -119,7 +119,9 @@ class Monitor:
         """Forget active Xids whose action was carried out (e.g. after a reset)."""
         track = self.tracks[uuid]
         track.xids = [x for x in track.xids if self._xid_action(track, x) not in actions]
-        track.reported = {key for key in track.reported if key[0] != "xid"}
+        # Xids that stay active were reported already: only the cleared ones may be news again
+        cleared = {action.value for action in actions}
+        track.reported = {key for key in track.reported if key[0] != "xid" or key[2] not in cleared}
 
     @staticmethod
     def _xid_action(track: GpuTrack, obs: XidObservation) -> Action:

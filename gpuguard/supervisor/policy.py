@@ -61,8 +61,7 @@ def decide(gpus: Sequence[GpuView], *, migrate_on_degraded: bool, handled: froze
             candidates.append((0, decision))
         elif gpu.state in (GpuState.EXCLUDED, GpuState.RESETTING):
             candidates.append((1, Decision(Reaction.MOVE, gpu.uuid, reason, key=("excluded", gpu.uuid))))
-        elif gpu.app_xids:
-            key = ("app_xid", gpu.uuid, max(ts for _, ts in gpu.app_xids))
+        elif (key := app_xid_key(gpu)) is not None:
             xids = ", ".join(str(x) for x in sorted({x for x, _ in gpu.app_xids}))
             candidates.append((2, Decision(Reaction.RESTART_SAME, gpu.uuid, f"Xid {xids}: {reason}", key=key)))
         elif gpu.state == GpuState.DEGRADED and migrate_on_degraded:
@@ -71,6 +70,17 @@ def decide(gpus: Sequence[GpuView], *, migrate_on_degraded: bool, handled: froze
         if decision.key not in handled:
             return decision
     return None
+
+
+def app_xid_key(gpu: GpuView) -> tuple[object, ...] | None:
+    """The key of the newest restart-the-app Xid on this GPU (a newer Xid makes a new key), or None.
+
+    The supervisor marks the keys present when an attempt starts as handled:
+    those Xids happened before that attempt and are not its business.
+    """
+    if not gpu.app_xids:
+        return None
+    return ("app_xid", gpu.uuid, max(ts for _, ts in gpu.app_xids))
 
 
 def backoff_s(crashes: int, initial_s: float, max_s: float) -> float:

@@ -30,7 +30,7 @@ from gpuguard.events import Event
 from gpuguard.health import xid as xid_catalog
 from gpuguard.health.types import Action, GpuState, Severity
 from gpuguard.supervisor import exitcode
-from gpuguard.supervisor.policy import Decision, GpuView, Reaction, backoff_s, decide
+from gpuguard.supervisor.policy import Decision, GpuView, Reaction, app_xid_key, backoff_s, decide
 from gpuguard.supervisor.process import JobProcess, StopResult, UserSpec, adopt, become_subreaper, spawn
 from gpuguard.supervisor.snapshots import JOB_NAME, SnapshotRing
 from gpuguard.supervisor.states import ACTIVE, FINAL, JobEvent, JobState, transition
@@ -84,11 +84,11 @@ class Job:
     exit_code: int | None = None
     after_stop: str | None = None  # "restart" | "stopped" | "rollback"
     resume_pin: str | None = None  # a rollback's snapshot, until a newer one is saved
+    pending_resets: list[str] = field(default_factory=list)  # GPUs to reset once the job is off them
     # runtime only
     proc: JobProcess | None = None
     stopping: threading.Thread | None = None
     stop_result: StopResult | None = None
-    pending_resets: list[str] = field(default_factory=list)
     handled: set[tuple[object, ...]] = field(default_factory=set)
     last_progress: float = 0.0
     last_busy: float = 0.0
@@ -124,6 +124,7 @@ class Job:
             "exit_code": self.exit_code,
             "after_stop": self.after_stop,
             "resume_pin": self.resume_pin,
+            "pending_resets": self.pending_resets,
         }
 
     @classmethod
@@ -154,6 +155,7 @@ class Job:
             exit_code=rec.get("exit_code"),
             after_stop=rec.get("after_stop"),
             resume_pin=rec.get("resume_pin"),
+            pending_resets=list(rec.get("pending_resets") or []),
         )
 
 
@@ -686,7 +688,9 @@ class Supervisor:
         job.pid, job.start_time = proc.pid, proc.start_time
         job.started_at = job.last_progress = job.last_busy = now
         job.heartbeat_mtime = job.checkpoint_mtime = job.cpu_time = None
-        job.handled = set()
+        # restart-the-app Xids already on these GPUs (the one that caused this restart, or one from
+        # before the job came) stay in their window for a while: they are not this attempt's business
+        job.handled = {key for uuid in gpus if (key := app_xid_key(self._view(uuid))) is not None}
         job.backoff_until = None
         job.state = transition(job.state, JobEvent.SPAWNED)
         self._attach(job)
@@ -773,7 +777,7 @@ class Supervisor:
 
     # --- GPUs ----------------------------------------------------------
     def _exclude(self, uuid: str, reason: str) -> None:
-        if uuid in self.daemon.store.excluded():
+        if uuid in self.daemon.excluded:
             return
         self.daemon.exclude_gpu(uuid, reason, by="gpuguard")
 
@@ -781,7 +785,7 @@ class Supervisor:
         for uuid, until in list(self.probation.items()):
             state, _ = self.daemon.gpu_state(uuid)
             verdict = self.daemon.monitor.verdict(uuid) if self.daemon.monitor else None
-            entry = self.daemon.store.excluded().get(uuid)
+            entry = self.daemon.excluded.get(uuid)
             if entry is None or entry.by != "gpuguard":
                 del self.probation[uuid]  # an operator took over
                 continue
