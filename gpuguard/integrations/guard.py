@@ -1,0 +1,261 @@
+"""gpuguard's hooks into an Ultralytics trainer, installed as callbacks.
+
+What they add to a stock `yolo train`:
+- checkpoint on request: the checkpoint signal only sets a flag; the next
+  batch end saves a resumable checkpoint and exits 75 (EX_TEMPFAIL), so
+  gpuguard restarts the job elsewhere. The process never reaches
+  `final_eval`, which would strip `last.pt` and make it non-resumable.
+- a heartbeat file touched at most once a second, so hang detection sees
+  progress;
+- atomic `last.pt`/`best.pt` writes (Ultralytics writes them in place);
+- the checkpoint's path, told to gpuguard through GPUGUARD_CHECKPOINT_FILE.
+
+A mid-epoch checkpoint is saved as "epochs completed = the one before": the
+resumed run redoes the interrupted epoch in full (the partly trained weights
+are kept, the rest of the epoch is not skipped), and best.pt is never
+overwritten with half-trained weights. Skipping ahead to the interrupted
+batch is not done: the shuffle order of a resumed dataloader differs, so
+"the rest of the epoch" could not be reproduced and some images would be
+silently dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpuguard.integrations.atomic import replacing, temp_path, write_bytes_atomic
+
+EX_TEMPFAIL = 75  # "I saved a checkpoint, restart me" (CONTRACT.md)
+
+log = logging.getLogger("gpuguard.yolo")
+
+
+class _AtomicPath(type(Path())):  # type: ignore[misc]
+    """A checkpoint path whose write_bytes replaces the file atomically.
+
+    Ultralytics calls `self.last.write_bytes(...)`; swapping the trainer's
+    path objects for these makes every checkpoint write crash-safe without
+    copying its save_model. Paths derived with `/` keep the class, so
+    `wdir / "epoch3.pt"` is covered too.
+    """
+
+    def write_bytes(self, data: Any) -> int:
+        write_bytes_atomic(Path(self), data)
+        return len(data)
+
+
+class _DiscardPath(type(Path())):  # type: ignore[misc]
+    """Stands in for best.pt during a mid-epoch save: the write goes nowhere."""
+
+    def write_bytes(self, data: Any) -> int:
+        return len(data)
+
+
+def is_main_rank() -> bool:
+    """Rank 0 (or no DDP): the only process that saves and exits 75."""
+    return all(int(os.environ.get(var, "-1")) in (-1, 0) for var in ("RANK", "LOCAL_RANK"))
+
+
+def parse_signal(name: str) -> signal.Signals:
+    """'SIGUSR1', 'USR1' or '10' -> signal.SIGUSR1."""
+    text = name.strip().upper()
+    try:
+        if text.isdigit():
+            return signal.Signals(int(text))
+        return signal.Signals[text if text.startswith("SIG") else f"SIG{text}"]
+    except (KeyError, ValueError):
+        raise ValueError(f"unknown signal {name!r}") from None
+
+
+@dataclass
+class Heartbeat:
+    """Touches a file at most every `interval_s` seconds."""
+
+    path: Path
+    interval_s: float = 1.0
+    _last: float = field(default=-math.inf, init=False)
+    _failed: bool = field(default=False, init=False)
+
+    def beat(self) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            return
+        self._last = now
+        try:
+            self.path.touch()
+        except OSError as exc:  # a missing heartbeat must not stop training
+            if not self._failed:
+                log.warning("cannot touch heartbeat %s: %s", self.path, exc)
+            self._failed = True
+
+
+def trim_results(csv: Path, completed_epochs: int) -> int:
+    """Drop results.csv rows of epochs a resume will train again; return how many.
+
+    A kill between writing an epoch's row and saving its checkpoint leaves a
+    row for an epoch the resumed run repeats; without this it would appear twice.
+    """
+    if not csv.exists():
+        return 0
+    header, *rows = csv.read_text(encoding="utf-8").splitlines(keepends=True) or [""]
+    keep = [row for row in rows if _row_epoch(row) <= completed_epochs]
+    if len(keep) != len(rows):
+        write_bytes_atomic(csv, "".join([header, *keep]).encode())
+    return len(rows) - len(keep)
+
+
+def _row_epoch(row: str) -> float:
+    try:
+        return float(row.split(",", 1)[0])
+    except ValueError:
+        return -math.inf  # not a data row: keep it
+
+
+def exit_now(code: int) -> None:
+    """Flush what was logged, then leave without running Ultralytics' teardown."""
+    for handler in [*logging.getLogger().handlers, *log.handlers]:
+        handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
+class TrainerGuard:
+    """The callbacks for one training process; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        checkpoint_signal: signal.Signals = signal.SIGUSR1,
+        heartbeat: Heartbeat | None = None,
+        checkpoint_file: Path | None = None,
+    ) -> None:
+        self.checkpoint_signal = checkpoint_signal
+        self.heartbeat = heartbeat
+        self.checkpoint_file = checkpoint_file
+        self.requested = False
+        self._batch = 0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> TrainerGuard:
+        """Configure from the variables gpuguard gives a managed job."""
+        heartbeat = env.get("GPUGUARD_HEARTBEAT")
+        checkpoint_file = env.get("GPUGUARD_CHECKPOINT_FILE")
+        return cls(
+            checkpoint_signal=parse_signal(env.get("GPUGUARD_CHECKPOINT_SIGNAL") or "SIGUSR1"),
+            heartbeat=Heartbeat(Path(heartbeat)) if heartbeat else None,
+            checkpoint_file=Path(checkpoint_file) if checkpoint_file else None,
+        )
+
+    def listen(self) -> None:
+        """Catch the checkpoint signal from now on (its default action would kill the process)."""
+        signal.signal(self.checkpoint_signal, self._on_signal)
+
+    def install(self, model: Any) -> None:
+        """Hook into `model` (an ultralytics Model) before `model.train()`."""
+        _make_strip_atomic()
+        for event in (
+            "on_pretrain_routine_start",
+            "on_train_start",
+            "on_train_epoch_start",
+            "on_train_batch_end",
+            "on_val_batch_end",
+            "on_model_save",
+            "on_fit_epoch_end",
+        ):
+            model.add_callback(event, getattr(self, event))
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.requested = True  # acted on at the next batch end, where a save is consistent
+
+    def _beat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.beat()
+
+    # --- callbacks ------------------------------------------------------
+    def on_pretrain_routine_start(self, trainer: Any) -> None:
+        """save_dir is known: make its checkpoint writes atomic and tell gpuguard where last.pt is."""
+        trainer.wdir = _AtomicPath(trainer.wdir)
+        trainer.last = _AtomicPath(trainer.last)
+        trainer.best = _AtomicPath(trainer.best)
+        for path in (trainer.last, trainer.best):
+            temp_path(path).unlink(missing_ok=True)  # left by a writer killed mid-save
+        last = Path(trainer.last).resolve()
+        if self.checkpoint_file is not None:
+            write_bytes_atomic(self.checkpoint_file, f"{last}\n".encode())
+        log.info("checkpoint: %s", last)
+        self._beat()
+
+    def on_train_start(self, trainer: Any) -> None:
+        """After a resume, forget results rows of epochs that will be trained again."""
+        if trainer.resume:
+            dropped = trim_results(trainer.csv, trainer.start_epoch)
+            if dropped:
+                log.info("dropped %d results.csv row(s) past epoch %d: that work is redone", dropped, trainer.start_epoch)
+        log.info("training epochs %d..%d of %d", trainer.start_epoch + 1, trainer.epochs, trainer.epochs)
+        self._beat()
+
+    def on_train_epoch_start(self, trainer: Any) -> None:
+        self._batch = 0
+        self._beat()
+
+    def on_train_batch_end(self, trainer: Any) -> None:
+        self._batch += 1
+        self._beat()
+        if self.requested and is_main_rank():
+            self._checkpoint_mid_epoch(trainer)
+
+    def on_val_batch_end(self, validator: Any) -> None:
+        self._beat()  # validation of a large set can outlast the hang timeout
+
+    def on_model_save(self, trainer: Any) -> None:
+        """A request that arrived during validation: the epoch's checkpoint was just written."""
+        if self.requested and is_main_rank() and trainer.epoch + 1 < trainer.epochs:
+            log.info(
+                "checkpoint at the end of epoch %d/%d: resume will start at epoch %d (%s)",
+                trainer.epoch + 1, trainer.epochs, trainer.epoch + 2, trainer.last,
+            )
+            exit_now(EX_TEMPFAIL)
+
+    def on_fit_epoch_end(self, trainer: Any) -> None:
+        self._beat()
+
+    def _checkpoint_mid_epoch(self, trainer: Any) -> None:
+        """Save as if the previous epoch had just ended, keep best.pt, exit 75."""
+        epoch, best, period = trainer.epoch, trainer.best, trainer.save_period
+        trainer.epoch, trainer.best, trainer.save_period = epoch - 1, _DiscardPath(best), 0
+        try:
+            trainer.save_model()
+        finally:
+            trainer.epoch, trainer.best, trainer.save_period = epoch, best, period
+        sys.stderr.write("\n")  # end the progress bar's line
+        log.info(
+            "checkpoint at epoch %d/%d batch %d/%d: resume will redo epoch %d (%s)",
+            epoch + 1, trainer.epochs, self._batch, len(trainer.train_loader), epoch + 1, trainer.last,
+        )
+        exit_now(EX_TEMPFAIL)
+
+
+def _make_strip_atomic() -> None:
+    """final_eval rewrites last.pt/best.pt in place via strip_optimizer; route it through a temp file."""
+    import ultralytics.engine.trainer as trainer_module
+
+    original = trainer_module.strip_optimizer
+    if getattr(original, "_gpuguard_atomic", False):
+        return
+
+    def strip_optimizer(f: str | Path = "best.pt", s: str = "", updates: dict[str, Any] | None = None) -> dict[str, Any]:
+        with replacing(Path(s or f)) as tmp:
+            return original(f, str(tmp), updates)
+
+    strip_optimizer._gpuguard_atomic = True  # type: ignore[attr-defined]
+    trainer_module.strip_optimizer = strip_optimizer

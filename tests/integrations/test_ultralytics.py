@@ -1,0 +1,326 @@
+"""gpuguard-yolo against a real (tiny, CPU) YOLO training run in subprocesses.
+
+Signals, exits and kills are real; only the dataset and model are small.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from gpuguard.integrations.atomic import temp_path, write_bytes_atomic
+from gpuguard.integrations.guard import Heartbeat, parse_signal, trim_results
+from gpuguard.integrations.resume import ResumePoint
+from gpuguard.integrations.ultralytics import UsageError, check_local, resume_kwargs, split_args
+
+TRAIN_ARGS = ("model=yolov8n.yaml", "epochs=2", "imgsz=64", "batch=8", "plots=False", "seed=0")
+EX_TEMPFAIL = 75
+
+# Runs the trainer with two test-only hooks, each enabled by its variable:
+# SLOW_WRITE_MARKER: the first chunk written to last.pt's temp file, once a last.pt exists, stops
+#   half-way and says so in that file; the test then SIGKILLs the process mid-write.
+# SIGNAL_AT_EPOCH: the process sends itself SIGUSR1 when that (0-based) epoch starts, so the
+#   checkpoint lands after its first batch however fast the machine is.
+SHIM = """
+import os, signal, sys, time
+from pathlib import Path
+if "SLOW_WRITE_MARKER" in os.environ:
+    marker = Path(os.environ["SLOW_WRITE_MARKER"])
+    real_write = os.write
+    def write(fd, data):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            target = ""
+        if target.endswith("/.last.pt.partial") and Path(target).with_name("last.pt").exists():
+            real_write(fd, bytes(data[: len(data) // 2]))
+            marker.write_text(target)
+            time.sleep(120)
+        return real_write(fd, data)
+    os.write = write
+if "SIGNAL_AT_EPOCH" in os.environ:
+    from gpuguard.integrations.guard import TrainerGuard
+    epoch_start = TrainerGuard.on_train_epoch_start
+    def on_train_epoch_start(self, trainer):
+        epoch_start(self, trainer)
+        if trainer.epoch == int(os.environ["SIGNAL_AT_EPOCH"]):
+            os.kill(os.getpid(), signal.SIGUSR1)
+    TrainerGuard.on_train_epoch_start = on_train_epoch_start
+from gpuguard.integrations.ultralytics import main
+sys.exit(main())
+"""
+
+
+@dataclass
+class Job:
+    """One supervised training job: the same command each attempt, as gpuguard runs it."""
+
+    root: Path
+    data_yaml: Path
+    base_env: dict[str, str]
+    logs: list[str] = field(default_factory=list)
+
+    @property
+    def save_dir(self) -> Path:
+        return self.root / "runs" / "job"
+
+    @property
+    def last(self) -> Path:
+        return self.save_dir / "weights" / "last.pt"
+
+    @property
+    def heartbeat(self) -> Path:
+        return self.root / "rt" / "heartbeat"
+
+    @property
+    def checkpoint_file(self) -> Path:
+        return self.root / "rt" / "checkpoint-path"
+
+    def start(self, attempt: int, resume_from: Path | None = None, script: Path | None = None, **extra_env: str) -> subprocess.Popen[str]:
+        (self.root / "rt").mkdir(exist_ok=True)
+        env = {
+            **self.base_env,
+            **extra_env,
+            "GPUGUARD_JOB": "job",
+            "GPUGUARD_ATTEMPT": str(attempt),
+            "GPUGUARD_CHECKPOINT_SIGNAL": "SIGUSR1",
+            "GPUGUARD_HEARTBEAT": str(self.heartbeat),
+            "GPUGUARD_CHECKPOINT_FILE": str(self.checkpoint_file),
+        }
+        if resume_from is not None:
+            env["GPUGUARD_RESUME_FROM"] = str(resume_from)
+        entry = [str(script)] if script else ["-m", "gpuguard.integrations.ultralytics"]
+        args = [f"data={self.data_yaml}", f"project={self.root / 'runs'}", "name=job", *TRAIN_ARGS]
+        log = self.root / f"attempt{len(self.logs) + 1}.log"
+        self.logs.append(str(log))
+        with log.open("w") as out:
+            return subprocess.Popen(
+                [sys.executable, *entry, "train", *args], env=env, cwd=self.root, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def finish(self, proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str]:
+        rc = proc.wait(timeout=timeout)
+        return rc, Path(self.logs[-1]).read_text(errors="replace")
+
+    def run(self, attempt: int, resume_from: Path | None = None) -> tuple[int, str]:
+        return self.finish(self.start(attempt, resume_from))
+
+
+def wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"trainer exited early with {proc.returncode}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def result_epochs(save_dir: Path) -> list[int]:
+    lines = (save_dir / "results.csv").read_text().splitlines()[1:]
+    return [int(float(line.split(",")[0])) for line in lines]
+
+
+def zip_ok(path: Path) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        return archive.testzip() is None
+
+
+@dataclass
+class SignalledRun:
+    job: Job
+    outcomes: list[tuple[int, str]]
+    heartbeat_mtimes: list[float]
+    midway_checkpoints: list[Path]
+    best_at_exit: list[bytes | None]  # best.pt after each interrupted attempt
+
+
+@pytest.fixture(scope="module")
+def signalled(tmp_path_factory: pytest.TempPathFactory, data_yaml: Path, base_env: dict[str, str]) -> SignalledRun:
+    """A 2-epoch job checkpointed on SIGUSR1 during epoch 1, then during epoch 2, then completed.
+
+    Attempt 1 gets the signal as soon as its heartbeat shows (handler installed, training not
+    yet started), so it checkpoints after batch 1 of epoch 1: the first-epoch restart path.
+    Attempt 2 sends it to itself as epoch 2 starts: Ultralytics' own resume path.
+    """
+    job = Job(tmp_path_factory.mktemp("signalled"), data_yaml, base_env)
+    shim = job.root / "shim.py"
+    shim.write_text(SHIM)
+    outcomes, mtimes, checkpoints, best_at_exit = [], [], [], []
+    best = job.save_dir / "weights" / "best.pt"
+
+    def ended(attempt: int, proc: subprocess.Popen[str]) -> Path:
+        outcomes.append(job.finish(proc))
+        mtimes.append(job.heartbeat.stat().st_mtime)
+        best_at_exit.append(best.read_bytes() if best.exists() else None)
+        # gpuguard validates and resumes from a copy in its snapshot dir, under another name
+        snapshot = job.root / f"snapshot-{attempt}.pt"
+        snapshot.write_bytes(job.last.read_bytes())
+        checkpoints.append(snapshot)
+        return snapshot
+
+    proc = job.start(1)
+    wait_for(job.heartbeat.exists, proc)
+    proc.send_signal(signal.SIGUSR1)
+    snapshot = ended(1, proc)
+    snapshot = ended(2, job.start(2, resume_from=snapshot, script=shim, SIGNAL_AT_EPOCH="1"))
+    outcomes.append(job.run(3, resume_from=snapshot))
+    mtimes.append(job.heartbeat.stat().st_mtime)
+    return SignalledRun(job, outcomes, mtimes, checkpoints, best_at_exit)
+
+
+def test_checkpoint_signal_exits_75_and_resume_trains_exactly_the_requested_epochs(signalled: SignalledRun) -> None:
+    import torch
+    from ultralytics import YOLO
+
+    (rc1, log1), (rc2, log2), (rc3, log3) = signalled.outcomes
+    assert rc1 == EX_TEMPFAIL, log1
+    assert "checkpoint at epoch 1/2 batch 1/4: resume will redo epoch 1" in log1
+    assert rc2 == EX_TEMPFAIL, log2
+    assert "0/2 epochs done, attempt 2" in log2
+    assert "checkpoint at epoch 2/2 batch 1/4: resume will redo epoch 2" in log2
+    assert rc3 == 0, log3
+    assert "1/2 epochs done, attempt 3" in log3
+    assert "Final" not in log1 + log2  # neither interrupted attempt reached final_eval
+    for checkpoint in signalled.midway_checkpoints:
+        assert zip_ok(checkpoint)
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        assert ckpt["optimizer"] is not None  # resumable, not stripped
+    job = signalled.job
+    assert result_epochs(job.save_dir) == [1, 2]
+    assert not (job.root / "runs" / "job2").exists()  # continued in the original save_dir
+    final = torch.load(job.last, map_location="cpu", weights_only=False)
+    assert final["epoch"] == -1 and final["optimizer"] is None  # finished properly
+    for weights in ("last.pt", "best.pt"):
+        assert YOLO(str(job.save_dir / "weights" / weights)).task == "detect"
+
+
+def test_mid_epoch_checkpoint_leaves_best_pt_alone(signalled: SignalledRun) -> None:
+    import torch
+
+    first, second = (torch.load(p, map_location="cpu", weights_only=False) for p in signalled.midway_checkpoints)
+    assert first["epoch"] == -1  # no epoch completed: epoch 1 is redone, nothing skipped
+    assert second["epoch"] == 0  # saved during epoch 2 as "epoch 1 done": epoch 2 is redone
+    assert signalled.best_at_exit[0] is None  # nothing is "best" before an epoch was validated
+    # epoch 1's save wrote the same bytes to last.pt and best.pt; the mid-epoch save rewrote last.pt only
+    assert signalled.best_at_exit[1] is not None
+    assert signalled.best_at_exit[1] != signalled.midway_checkpoints[1].read_bytes()
+
+
+def test_finished_checkpoint_exits_0_without_training(signalled: SignalledRun) -> None:
+    job = signalled.job
+    before = (job.save_dir / "results.csv").read_bytes(), job.last.stat().st_mtime_ns
+    rc, log = job.run(4, resume_from=job.last)
+    assert rc == 0, log
+    assert "training already complete" in log
+    assert "Starting training" not in log
+    assert ((job.save_dir / "results.csv").read_bytes(), job.last.stat().st_mtime_ns) == before
+
+
+def test_heartbeat_is_touched_by_every_attempt(signalled: SignalledRun) -> None:
+    mtimes = signalled.heartbeat_mtimes
+    assert mtimes == sorted(mtimes) and mtimes[0] < mtimes[-1]
+
+
+def test_checkpoint_file_names_the_absolute_last_pt(signalled: SignalledRun) -> None:
+    text = signalled.job.checkpoint_file.read_text().strip()
+    assert Path(text).is_absolute()
+    assert Path(text) == signalled.job.last.resolve()
+
+
+def test_sigkill_during_checkpoint_write_leaves_a_resumable_checkpoint(
+    tmp_path: Path, data_yaml: Path, base_env: dict[str, str]
+) -> None:
+    job = Job(tmp_path, data_yaml, base_env)
+    script, marker = tmp_path / "shim.py", tmp_path / "mid-write"
+    script.write_text(SHIM)
+    proc = job.start(1, script=script, SLOW_WRITE_MARKER=str(marker))
+    wait_for(marker.exists, proc)  # epoch 2's save is half-written
+    proc.kill()
+    proc.wait(timeout=30)
+    partial = temp_path(job.last)
+    assert partial.exists() and not zipfile.is_zipfile(partial)
+    assert zip_ok(job.last)
+    assert result_epochs(job.save_dir) == [1, 2]  # epoch 2's row was written before its checkpoint
+
+    rc, log = job.run(2, resume_from=job.last)
+    assert rc == 0, log
+    assert "1/2 epochs done" in log
+    assert "dropped 1 results.csv row(s) past epoch 1" in log
+    assert result_epochs(job.save_dir) == [1, 2]
+    assert not partial.exists()
+
+
+# --- small pieces, no training ------------------------------------------
+def test_split_args_reads_yolo_style_arguments() -> None:
+    assert split_args(["epochs=3", "--imgsz=64", "resume", "name=x"]) == {
+        "epochs": "3", "imgsz": "64", "resume": True, "name": "x",
+    }
+    with pytest.raises(UsageError):
+        split_args(["epochs="])
+
+
+def test_check_local_refuses_downloads(tmp_path: Path) -> None:
+    data = tmp_path / "data.yaml"
+    data.write_text("path: x\n")
+    with pytest.raises(UsageError, match="would be downloaded"):
+        check_local({"model": "yolov8n.pt", "data": str(data)})
+    with pytest.raises(UsageError, match="data= is required"):
+        check_local({"model": "yolov8n.yaml"})
+    with pytest.raises(UsageError, match="not a local file"):
+        check_local({"model": "yolov8n.yaml", "data": "coco8.yaml"})
+    weights = tmp_path / "mine.pt"
+    weights.write_bytes(b"")
+    args = {"model": str(weights), "data": os.path.relpath(data)}
+    check_local(args)
+    assert args["data"] == str(data.resolve())
+
+
+def test_resume_kwargs_keep_the_original_save_dir(tmp_path: Path) -> None:
+    train_args = {"model": "yolov8n.yaml", "epochs": 5, "data": "/d.yaml", "save_dir": "/runs/x", "lr0": 0.01}
+    point = ResumePoint(tmp_path / "snap.pt", 2, 5, False, Path("/runs/x"), train_args)
+    kwargs = resume_kwargs(point, {"model": "yolov8n.yaml", "epochs": 5, "device": "cpu"}, "0")
+    assert kwargs == {"epochs": 5, "device": "0", "data": "/d.yaml", "save_dir": "/runs/x", "resume": str(tmp_path / "snap.pt")}
+    first = resume_kwargs(ResumePoint(point.path, 0, 5, False, point.save_dir, train_args), {}, "cpu")
+    assert first["resume"] is False and first["save_dir"] == "/runs/x" and first["lr0"] == 0.01 and "model" not in first
+
+
+def test_trim_results_drops_rows_of_redone_epochs(tmp_path: Path) -> None:
+    csv = tmp_path / "results.csv"
+    csv.write_text("epoch,time\n1,0.5\n2,1.0\n3,1.5\n")
+    assert trim_results(csv, 2) == 1
+    assert csv.read_text() == "epoch,time\n1,0.5\n2,1.0\n"
+    assert trim_results(csv, 2) == 0
+    assert trim_results(tmp_path / "missing.csv", 0) == 0
+
+
+def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
+    target = tmp_path / "last.pt"
+    target.write_bytes(b"old")
+    write_bytes_atomic(target, b"x" * 3_000_000)
+    assert target.read_bytes() == b"x" * 3_000_000
+    assert not temp_path(target).exists()
+
+
+def test_heartbeat_rate_limited(tmp_path: Path) -> None:
+    beat = Heartbeat(tmp_path / "hb", interval_s=60)
+    beat.beat()
+    first = (tmp_path / "hb").stat().st_mtime_ns
+    os.utime(tmp_path / "hb", ns=(0, 0))
+    beat.beat()  # within the interval: not touched again
+    assert (tmp_path / "hb").stat().st_mtime_ns == 0 != first
+
+
+def test_parse_signal_names() -> None:
+    assert parse_signal("SIGUSR1") is signal.SIGUSR1
+    assert parse_signal("usr2") is signal.SIGUSR2
+    assert parse_signal(str(int(signal.SIGTERM))) is signal.SIGTERM
+    with pytest.raises(ValueError, match="unknown signal"):
+        parse_signal("SIGNOPE")
