@@ -1,11 +1,18 @@
-"""`make demo`: gpuguardd on two simulated GPUs, faults injected, what it sees.
+"""`make demo`: a real YOLO training survives its GPU falling off the bus.
 
-Runs the real daemon and the real gpuguardctl as separate processes, in a
-throw-away state dir, and prints each step with the times it measured.
+gpuguardd runs on two simulated GPUs; a tiny YOLO trains on the CPU as a
+gpuguard job; after its first epoch, Xid 79 is injected on the job's GPU
+through the kernel-log path. gpuguard detects it, asks the trainer to
+checkpoint, excludes the GPU, and restarts the training on the other GPU from
+the checkpoint; it completes every epoch. Then a short tour of the other
+faults. Everything runs as separate processes (gpuguardd, gpuguardctl,
+gpuguard-yolo), in a throw-away directory, and every time printed is measured.
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
 import json
 import os
 import subprocess
@@ -13,29 +20,50 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 BIN = Path(sys.executable).parent
+EPOCHS = 4
+TRAIN_IMAGES = 96  # 12 batches of 8: an epoch lasts long enough for the fault to land inside one
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpuguard-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", type=Path, help="run in this directory and keep it (default: a temp dir)")
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    args = parser.parse_args(argv)
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        return Demo(args.keep.resolve(), args.epochs).run()
     with tempfile.TemporaryDirectory(prefix="gpuguard-demo-") as tmp:
-        return Demo(Path(tmp)).run()
+        return Demo(Path(tmp), args.epochs).run()
+
+
+def _ts(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 class Demo:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, epochs: int) -> None:
         self.tmp = tmp
-        self.socket = tmp / "gpuguard.sock"
+        self.epochs = epochs
+        self.run_dir = tmp / "run"
+        self.run_dir.mkdir(exist_ok=True)
+        self.socket = self.run_dir / "gpuguard.sock"
         self.config = tmp / "config.toml"
-        self.config.write_text("[monitor]\npoll_interval_s = 0.5\nnvml_timeout_s = 0.5\n")
+        self.config.write_text(
+            "[monitor]\npoll_interval_s = 0.5\nnvml_timeout_s = 0.5\n"
+            "[jobs]\ncheckpoint_grace_s = 30\nstop_timeout_s = 10\n"
+        )
 
+    # --- helpers -------------------------------------------------------
     def ctl(self, *args: str, show: bool = True) -> subprocess.CompletedProcess[str]:
         argv = [str(BIN / "gpuguardctl"), "--socket", str(self.socket), *args]
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         if show:
-            print(f"$ gpuguardctl {' '.join(args)}    (exit {result.returncode})")
+            print(f"$ gpuguardctl {' '.join(args)}")
             print((result.stdout + result.stderr).rstrip() or "(no output)")
             print()
         return result
@@ -43,83 +71,123 @@ class Demo:
     def status(self) -> dict[str, Any]:
         return json.loads(self.ctl("status", "--json", show=False).stdout)
 
-    def wait(self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 10.0) -> float:
-        start = time.monotonic()
-        while time.monotonic() - start < timeout_s:
-            if predicate(self.status()):
-                return time.monotonic() - start
-            time.sleep(0.02)
-        raise SystemExit("demo: the daemon did not react in time (see the log above)")
+    def events(self, job: str | None = None) -> list[dict[str, Any]]:
+        args = ["events", "--json", "--limit", "500"] + (["--job", job] if job else [])
+        return json.loads(self.ctl(*args, show=False).stdout)
 
+    def wait(self, predicate: Callable[[], Any], what: str, timeout_s: float = 180.0) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.05)
+        raise SystemExit(f"demo: timed out waiting for {what}; the daemon log is {self.tmp / 'gpuguardd.log'}")
+
+    def job(self) -> dict[str, Any] | None:
+        return next((j for j in self.status()["jobs"] if j["name"] == "yolo"), None)
+
+    # --- the run -------------------------------------------------------
     def run(self) -> int:
         log = (self.tmp / "gpuguardd.log").open("w")
         daemon = subprocess.Popen(
-            [
-                str(BIN / "gpuguardd"),
-                "--simulate",
-                "2",
-                "--config",
-                str(self.config),
-                "--state-dir",
-                str(self.tmp / "state"),
-                "--socket",
-                str(self.socket),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
+            [str(BIN / "gpuguardd"), "--simulate", "2", "--config", str(self.config),
+             "--state-dir", str(self.tmp / "state"), "--socket", str(self.socket)],
+            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )  # fmt: skip
         try:
-            return self.steps()
+            self.wait(lambda: self.socket.exists() and self.ctl("status", show=False).returncode == 0, "gpuguardd")
+            code = self.yolo()
+            self.tour()
+            return code
         finally:
+            self.ctl("stop", "yolo", show=False)
             daemon.terminate()
-            code = daemon.wait(timeout=20)
+            daemon.wait(timeout=30)
             log.close()
-            print(f"== gpuguardd stopped with exit {code}; its log (JSON lines, as journald would get them):")
-            for line in (self.tmp / "gpuguardd.log").read_text().splitlines()[-12:]:
-                print("   ", line[:200])
 
-    def steps(self) -> int:
-        print("== 1. gpuguardd --simulate 2: the inventory and health of two simulated GPUs\n")
-        start = time.monotonic()
-        while not self.socket.exists():
-            if time.monotonic() - start > 30:
-                raise SystemExit("demo: gpuguardd did not start")
-            time.sleep(0.05)
-        self.wait(lambda s: s["daemon"]["last_poll_at"] is not None)
+    def yolo(self) -> int:
+        print("== 1. gpuguardd --simulate 2, and a tiny YOLO dataset made on the fly\n")
+        data = self.tmp / "data"
+        subprocess.run(
+            [str(BIN / "gpuguard-yolo"), "make-dataset", str(data), "--train", str(TRAIN_IMAGES)],
+            check=True,
+            capture_output=True,
+        )
+        data_yaml = data / "data.yaml"
         self.ctl("status")
 
-        print("== 2. Xid 79 (GPU has fallen off the bus) on GPU 1, through the kernel-log path\n")
-        t0 = time.monotonic()
-        self.ctl("inject", "1", "xid", "79")
-        took = self.wait(lambda s: s["gpus"][1]["state"] == "faulted")
-        print(f"   GPU 1 faulted {1000 * (time.monotonic() - t0):.0f} ms after the inject command started "
-              f"(status polled every 20 ms; {1000 * took:.0f} ms after it returned)\n")
-        self.ctl("events", "--gpu", "1")
-        self.ctl("check")
+        print(f"== 2. A real YOLO training ({self.epochs} epochs, yolov8n, CPU) as a gpuguard job\n")
+        project = self.tmp / "runs"
+        self.ctl(
+            "run", "--name", "yolo", "--workdir", str(self.tmp), "--",
+            str(BIN / "gpuguard-yolo"), "train", "model=yolov8n.yaml", f"data={data_yaml}", f"epochs={self.epochs}",
+            "imgsz=64", "batch=8", "workers=0", f"project={project}", "name=demo", "plots=False", "val=True",
+        )  # fmt: skip
+        print("   waiting for the first epoch's checkpoint (gpuguard validates and keeps a copy) ...")
+        self.wait(lambda: any(e["kind"] == "snapshot_saved" for e in self.events("yolo")), "the first checkpoint")
+        job = self.job()
+        assert job is not None
+        gpu_uuid = job["gpus"][0]
+        index = next(g["index"] for g in self.status()["gpus"] if g["uuid"] == gpu_uuid)
+        self.ctl("status")
 
-        print("== 3. A hung NVML call on GPU 0: the daemon keeps answering, the GPU goes unknown\n")
-        self.ctl("inject", "0", "nvml-hang", "3")
-        self.wait(lambda s: s["gpus"][0]["state"] == "unknown")
+        print(f"== 3. Xid 79 (GPU has fallen off the bus) on GPU {index}, the job's GPU\n")
+        heartbeat = self.run_dir / "jobs" / "yolo" / "heartbeat"
+        t_fault = time.time()
+        self.ctl("inject", str(index), "xid", "79")
+        restarted = self.wait(
+            lambda: next((e for e in self.events("yolo") if e["kind"] == "job_restarted"), None), "the restart"
+        )
+        t_restart = _ts(restarted["ts"])
+        t_first_batch = self.wait(
+            lambda: heartbeat.exists() and heartbeat.stat().st_mtime > t_restart and heartbeat.stat().st_mtime,
+            "the first batch after the resume",
+        )
+        print(f"   {restarted['message']}\n")
+        final = self.wait(
+            lambda: (j := self.job()) and j["state"] in ("succeeded", "failed") and j, "the end of training", 600
+        )
+        events = self.events()
+        after = [e for e in events if _ts(e["ts"]) >= t_fault - 0.5]
+
+        def first(kind: str, job: str | None = None) -> float | None:
+            return next((_ts(e["ts"]) for e in after if e["kind"] == kind and (job is None or e["job"] == job)), None)
+
+        timeline = [
+            ("fault injected (kernel-log record written)", t_fault),
+            ("detected: GPU excluded, checkpoint asked for", first("gpu_excluded")),
+            ("checkpoint saved, trainer exited 75", first("job_stopping_done", "yolo")),
+            ("training restarted on the other GPU", t_restart),
+            ("first training batch after the resume", t_first_batch),
+        ]
+        print("== 4. Recovery timeline (measured)\n")
+        for label, t in timeline:
+            print(f"   {'+' + format(1000 * (t - t_fault), '.0f') + ' ms' if t else 'not seen':>10}  {label}")
+        print()
+        rows = list(csv.DictReader((project / "demo" / "results.csv").open()))
+        epochs = [int(float(r["epoch"].strip() if "epoch" in r else r[next(iter(r))])) for r in rows]
+        print(f"   results.csv epochs: {epochs} (requested {self.epochs}); job {final['state']} "
+              f"after {final['attempt']} attempts, resumed from {restarted.get('resume_from') or 'a snapshot'}\n")
+        self.ctl("events", "--job", "yolo")
+        self.ctl("status")
+        ok = final["state"] == "succeeded" and epochs == list(range(1, self.epochs + 1))
+        print("== the training completed every epoch after the fault\n" if ok else "== the training did NOT complete\n")
+        return 0 if ok else 1
+
+    def tour(self) -> None:
+        print("== 5. Other faults, briefly\n")
+        self.ctl("include", "0", show=False)
+        self.ctl("include", "1", show=False)
+        gpus = self.status()["gpus"]
+        healthy = next(g["index"] for g in gpus if g["state"] == "healthy")
+        self.ctl("inject", str(healthy), "nvml-hang", "3")
+        self.wait(lambda: self.status()["gpus"][healthy]["state"] == "unknown", "the hung GPU going unknown", 10)
         t = time.monotonic()
         self.ctl("status")
-        print(f"   status answered in {1000 * (time.monotonic() - t):.0f} ms while NVML hangs on GPU 0\n")
-        self.wait(lambda s: s["gpus"][0]["state"] == "healthy", timeout_s=15)
-        print("   GPU 0 is back once the call returns\n")
-
-        print("== 4. Quarantine: exclude GPU 0, see what a scheduler may use, include it again\n")
-        self.ctl("exclude", "0", "--reason", "demo: fan noise")
-        self.ctl("healthy", "--format", "index")
-        self.ctl("include", "0")
-
-        print("== 5. Xid 95 (uncontained ECC error) on GPU 0, then a reset\n")
-        self.ctl("inject", "0", "xid", "95")
-        self.wait(lambda s: s["gpus"][0]["state"] == "faulted")
-        self.ctl("reset", "0")
-        self.wait(lambda s: s["gpus"][0]["state"] == "healthy")
-        self.ctl("status")
-        self.ctl("events", "--limit", "12")
-        return 0
+        print(f"   status answered in {1000 * (time.monotonic() - t):.0f} ms while NVML hangs on GPU {healthy}\n")
+        self.ctl("check")
+        self.ctl("healthy", "--format", "cuda")
 
 
 if __name__ == "__main__":
