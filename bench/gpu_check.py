@@ -6,7 +6,10 @@
 2. NVML event registration: what the driver accepted;
 3. gpuguardd on that backend, with the reset command in DRY-RUN (it never
    resets the GPU or changes its settings): status, check, events;
-4. a short table last. Logs go under $OUT when it is set.
+4. a real tiny YOLO training as a gpuguard job on the GPU; its trainer is
+   SIGSTOPped so the GPU goes idle: gpuguard must see the hang, restart the
+   job, and the run must resume and complete;
+5. a short table last. Logs go under $OUT when it is set.
 
 Usage: python bench/gpu_check.py [--simulate N] [--polls 100]
 """
@@ -20,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -101,7 +105,8 @@ def daemon_check(simulate: int | None, tmp: Path, out: Path, report: dict[str, A
     bindir = Path(sys.executable).parent
     config = tmp / "config.toml"
     config.write_text(
-        "[monitor]\npoll_interval_s = 1.0\n"
+        "[monitor]\npoll_interval_s = 1.0\nhang_timeout_s = 5.0\n"
+        "[jobs]\ncheckpoint_grace_s = 5.0\nstop_timeout_s = 3.0\n"
         "[reset]\n"
         'command = ["echo", "DRY-RUN: would reset", "{uuid}"]\n'
     )
@@ -146,7 +151,8 @@ def daemon_check(simulate: int | None, tmp: Path, out: Path, report: dict[str, A
         after = json.loads(ctl("status", "--json").stdout)
         report["after_reset_states"] = [g["state"] for g in after["gpus"]]
         print(f"states after the dry-run reset: {report['after_reset_states']}")
-        print(ctl("events", "--limit", "20").stdout)
+        job_check(ctl, bindir, tmp, report)
+        print(ctl("events", "--limit", "40").stdout)
     finally:
         proc.terminate()
         try:
@@ -155,6 +161,73 @@ def daemon_check(simulate: int | None, tmp: Path, out: Path, report: dict[str, A
             proc.kill()
             report["daemon_exit"] = "killed"
         log.close()
+
+
+def job_check(ctl: Any, bindir: Path, tmp: Path, report: dict[str, Any]) -> None:
+    """A real YOLO job; its trainer SIGSTOPped; gpuguard must restart it and the run complete."""
+    import psutil
+
+    data = tmp / "data"
+    subprocess.run([str(bindir / "gpuguard-yolo"), "make-dataset", str(data), "--train", "96"], check=True, capture_output=True)
+    project = tmp / "runs"
+    t0 = time.monotonic()
+    run = ctl(
+        "run", "--name", "yolo", "--workdir", str(tmp), "--",
+        str(bindir / "gpuguard-yolo"), "train", "model=yolov8n.yaml", f"data={data / 'data.yaml'}", "epochs=3",
+        "imgsz=64", "batch=8", "workers=0", f"project={project}", "name=check", "plots=False",
+    )  # fmt: skip
+    print(run.stdout + run.stderr)
+    job_report: dict[str, Any] = {}
+    report["job"] = job_report
+
+    def events() -> list[dict[str, Any]]:
+        return json.loads(ctl("events", "--json", "--job", "yolo", "--limit", "300").stdout or "[]")
+
+    def job() -> dict[str, Any]:
+        return next(j for j in json.loads(ctl("status", "--json").stdout)["jobs"] if j["name"] == "yolo")
+
+    def wait(pred: Any, what: str, timeout_s: float) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            value = pred()
+            if value:
+                return value
+            time.sleep(0.1)
+        job_report["timed_out"] = what
+        raise TimeoutError(what)
+
+    try:
+        wait(lambda: any(e["kind"] == "snapshot_saved" for e in events()), "the first checkpoint", 300)
+        job_report["first_checkpoint_s"] = round(time.monotonic() - t0, 1)
+        status = json.loads(ctl("status", "--json").stdout)
+        job_report["gpu_util_while_training"] = [g.get("gpu_util_pct") for g in status["gpus"]]
+        wrapper = psutil.Process(job()["pid"])
+        trainer = next(p for p in wrapper.children(recursive=True) if "gpuguard-yolo" in " ".join(p.cmdline()))
+        trainer.send_signal(signal.SIGSTOP)
+        t_stop = time.time()
+        hang = wait(lambda: next((e for e in events() if e["kind"] == "hang"), None), "the hang", 120)
+        restarted = wait(lambda: next((e for e in events() if e["kind"] == "job_restarted"), None), "the restart", 120)
+        final = wait(lambda: (j := job())["state"] in ("succeeded", "failed") and j, "the end of training", 600)
+        rows = (project / "check" / "results.csv").read_text().splitlines()[1:]
+        job_report |= {
+            "stop_to_hang_s": round(_ts(hang["ts"]) - t_stop, 2),
+            "stop_to_restart_s": round(_ts(restarted["ts"]) - t_stop, 2),
+            "final_state": final["state"],
+            "attempts": final["attempt"],
+            "epochs_in_results": len(rows),
+        }
+    except TimeoutError as exc:
+        print(f"job check: timed out waiting for {exc}")
+    print(f"job check: {job_report}")
+    log = tmp / "state" / "jobs" / "yolo" / "output.log"
+    if log.exists() and os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / "yolo-output.log").write_bytes(log.read_bytes()[-200_000:])
+
+
+def _ts(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 def main() -> int:
@@ -190,7 +263,16 @@ def main() -> int:
     print(f"   /dev/kmsg readable {report['kmsg_readable']}; /proc/devices: {report['proc_devices_nvidia']}")
     print(f"   reset (dry run)    exit {report['reset_dry_run']['exit']} in {report['reset_dry_run']['s']} s; states after: {report['after_reset_states']}")
     print(f"   daemon             ready in {report['daemon_ready_s']} s, check exit {report['check']['exit']}, stop exit {report['daemon_exit']}")
-    ok = report["daemon_exit"] == 0 and report["check"]["exit"] in (0, 1)
+    j = report.get("job", {})
+    print(f"   YOLO job           {j.get('final_state', 'not finished')} after {j.get('attempts')} attempts, "
+          f"{j.get('epochs_in_results')} epochs in results.csv; SIGSTOP -> hang seen {j.get('stop_to_hang_s')} s, "
+          f"-> restarted {j.get('stop_to_restart_s')} s")
+    ok = (
+        report["daemon_exit"] == 0
+        and report["check"]["exit"] in (0, 1)
+        and j.get("final_state") == "succeeded"
+        and j.get("epochs_in_results") == 3
+    )
     return 0 if ok else 1
 
 
