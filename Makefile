@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo venv clean
+.PHONY: test demo venv clean chaos
 
 venv: $(STAMP)
 
@@ -20,6 +20,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m gpuguard.demo
+
+chaos: $(STAMP)
+	$(PY) bench/chaos.py --long
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

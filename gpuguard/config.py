@@ -10,8 +10,10 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import re
 import signal
+import stat
 import string
 import tomllib
 from collections.abc import Callable, Iterator
@@ -46,6 +48,8 @@ class DaemonConfig:
 class MonitorConfig:
     poll_interval_s: float = 1.0
     hang_timeout_s: float = 300.0  # no progress and an idle GPU this long = hang
+    # until an attempt's first heartbeat or checkpoint (start-up: imports, data, CUDA init)
+    hang_startup_timeout_s: float = 600.0
     hang_idle_util_pct: int = 5  # at or below this utilisation a GPU counts as idle
     nvml_timeout_s: float = 2.0  # deadline for one poll of all GPUs
     kernel_log: Path = Path("/dev/kmsg")
@@ -175,7 +179,11 @@ def load(path: Path | None = None) -> Config:
     """
     source = DEFAULT_CONFIG_PATH if path is None else path
     try:
-        raw = source.read_bytes()
+        with source.open("rb") as f:
+            problem = unsafe_owner_or_mode(os.fstat(f.fileno())) or _unsafe_directory(source.parent)
+            if problem:
+                raise ConfigError(source, None, f"refusing a config that others can change: {problem}")
+            raw = f.read()
     except FileNotFoundError:
         if path is None:
             return Config()
@@ -191,6 +199,8 @@ def load(path: Path | None = None) -> Config:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, None, f"invalid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per nesting level
+        raise ConfigError(source, None, "invalid TOML: arrays or tables nested too deeply") from None
     try:
         config = replace(_build(Config, table, ""), source=source)
     except _Problem as exc:
@@ -199,6 +209,36 @@ def load(path: Path | None = None) -> Config:
     if first is not None:
         raise ConfigError(source, *first)
     return config
+
+
+def unsafe_owner_or_mode(st: os.stat_result, *, sticky_ok: bool = False) -> str | None:
+    """Why a file or directory with this stat lets someone other than root or
+    this process's user change it, or None when it does not.
+
+    The config names commands the daemon runs as root ([reset], [hooks],
+    [[job]]) and the state dir holds its memory, so either being writable by
+    another user hands that user the daemon's privileges. Group write is fine
+    for root's group or this process's own; `sticky_ok` accepts a world-writable
+    directory with the sticky bit (/tmp), where others cannot replace a file
+    they do not own.
+    """
+    if st.st_uid not in (0, os.geteuid()):
+        return f"owned by uid {st.st_uid}, neither root nor this process's user"
+    if st.st_mode & stat.S_IWOTH and not (sticky_ok and st.st_mode & stat.S_ISVTX):
+        return f"writable by every user (mode {stat.S_IMODE(st.st_mode):04o})"
+    if st.st_mode & stat.S_IWGRP and st.st_gid not in (0, os.getegid()):
+        return f"writable by group {st.st_gid} (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _unsafe_directory(directory: Path) -> str | None:
+    """Whoever may write the config's directory may replace the config."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None  # the file opened, so the directory exists; a stat refused here tells nothing new
+    problem = unsafe_owner_or_mode(st, sticky_ok=True)
+    return f"its directory {directory} is {problem}" if problem else None
 
 
 def with_overrides(config: Config, *, state_dir: Path | None = None, socket: Path | None = None) -> Config:

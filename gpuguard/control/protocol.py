@@ -103,6 +103,8 @@ def _object(line: bytes, what: str) -> dict[str, Any]:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"{what} is not valid JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:  # json.loads recurses once per nesting level
+        raise ProtocolError(f"{what} is nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what} must be a JSON object, not {type(obj).__name__}")
     return obj

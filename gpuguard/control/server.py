@@ -111,9 +111,7 @@ class ControlServer:
 
     # --- socket creation -----------------------------------------------
     def _bind(self) -> socket.socket:
-        if len(os.fsencode(self.path)) > MAX_PATH_BYTES:
-            raise ControlServerError(f"{self.path}: too long for a Unix socket path (at most {MAX_PATH_BYTES} bytes)")
-        _check_directory(self.path.parent)
+        check_location(self.path)
         _clear_stale(self.path)
         tmp = self.path.parent / f".{secrets.token_hex(4)}.tmp"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -272,6 +270,16 @@ def _groups(pid: int, uid: int, gid: int) -> tuple[int, ...]:
     except (OSError, ValueError):
         pass
     return ()
+
+
+def check_location(path: Path) -> None:
+    """Refuse a socket path that is too long or whose directory is unsafe.
+
+    The daemon calls this before it creates anything beside the socket (the
+    jobs' runtime files), so a symlinked directory is refused before use."""
+    if len(os.fsencode(path)) > MAX_PATH_BYTES:
+        raise ControlServerError(f"{path}: too long for a Unix socket path (at most {MAX_PATH_BYTES} bytes)")
+    _check_directory(path.parent)
 
 
 def _check_directory(parent: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 
 from gpuguard import __version__
-from gpuguard.config import Config, ConfigError, load, with_overrides
+from gpuguard.config import Config, ConfigError, load, unsafe_owner_or_mode, with_overrides
 from gpuguard.nvml.backend import Backend, BackendUnavailable
 
 log = structlog.get_logger("gpuguard.daemon")
@@ -42,11 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_state_dir(path: Path) -> None:
     """Create the state dir (0711: jobs reach their own files, list nothing);
-    refuse one that others can write."""
+    refuse one that others can write, sticky bit or not: the daemon creates
+    files there by name, and a name someone else created first is theirs."""
     path.mkdir(parents=True, exist_ok=True, mode=0o711)
-    st = path.stat()
-    if st.st_mode & 0o002 and not st.st_mode & 0o1000:
-        raise ConfigError(None, "daemon.state_dir", f"{path} is writable by every user; make it 0711 or 0700")
+    problem = unsafe_owner_or_mode(path.stat())
+    if problem:
+        raise ConfigError(None, "daemon.state_dir", f"{path} is {problem}; make it 0711 or 0700, owned by this user")
 
 
 def make_backend(config: Config, simulate: int | None) -> tuple[Backend, Path]:
@@ -95,12 +96,13 @@ def main(argv: list[str] | None = None) -> int:
 def run(
     config: Config, simulate: int | None, config_path: Path | None, overrides: tuple[Path | None, Path | None]
 ) -> int:
-    from gpuguard.control.server import ControlServer
+    from gpuguard.control.server import ControlServer, check_location
     from gpuguard.daemon.control import DaemonController
     from gpuguard.daemon.service import Daemon
     from gpuguard.store import EventStore
 
     check_state_dir(config.daemon.state_dir)
+    check_location(config.daemon.socket)  # before the supervisor creates the jobs' runtime dir beside it
     backend, kernel_log = make_backend(config, simulate)
     store = EventStore(config.daemon.state_dir / "gpuguard.db")
     state_dir, socket_path = overrides

@@ -12,6 +12,7 @@ streamed in bounded chunks, never loaded whole.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import stat
@@ -121,6 +122,8 @@ def _check_zip(fd: int, size: int) -> None:
         try:
             with zipfile.ZipFile(raw) as archive:
                 members = archive.infolist()
+                if len(members) != _declared_entries(raw):
+                    raise _Reject("central directory and end record disagree on the member count")
                 if not any(_DATA_PKL.match(m.filename) for m in members):
                     raise _Reject("zip has no data.pkl: not a torch checkpoint")
                 if sum(m.file_size for m in members) > _MAX_INFLATION * size + CHUNK:
@@ -133,10 +136,21 @@ def _check_zip(fd: int, size: int) -> None:
             raise _Reject(f"corrupt zip: {exc}") from None
 
 
+def _declared_entries(raw: io.BufferedReader) -> int | None:
+    """The member count the end-of-central-directory record declares.
+
+    zipfile walks the central directory by its byte size and never compares
+    the count, so an entry swallowed by a corrupt length field would go
+    unnoticed. zipfile has no public accessor for the end record."""
+    endrec = zipfile._EndRecData(raw)  # type: ignore[attr-defined]
+    return None if endrec is None else int(endrec[zipfile._ECD_ENTRIES_TOTAL])  # type: ignore[attr-defined]
+
+
 def _check_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> None:
-    """Read one member to its end; zipfile raises BadZipFile on a CRC mismatch."""
-    if member.is_dir():
-        return
+    """Read one member to its end; zipfile raises BadZipFile on a CRC mismatch.
+
+    Directory entries are read too: a name cut short by a NUL (zipfile stops
+    names there) can make a data member look like a directory."""
     with archive.open(member) as stream:
         while stream.read(CHUNK):
             pass

@@ -443,18 +443,19 @@ class Supervisor:
         """A hang: every GPU of the job idle while the job shows no progress, for hang_timeout_s."""
         assert job.proc is not None
         progress = False
-        heartbeat = self._runtime(job) / "heartbeat"
-        mtime = _mtime(heartbeat)
-        if mtime is not None and mtime != job.heartbeat_mtime:
-            progress = job.heartbeat_mtime is not None or mtime > (job.started_at or 0)
+        started = job.started_at or 0.0
+        # only this attempt's heartbeats and checkpoint writes count
+        mtime = _mtime(self._runtime(job) / "heartbeat")
+        if mtime is not None and mtime > started and mtime != job.heartbeat_mtime:
+            progress = True
             job.heartbeat_mtime = mtime
         if job.checkpoint is not None:
             cmt = _mtime(job.checkpoint)
-            if cmt is not None and cmt != job.checkpoint_mtime:
-                progress = progress or job.checkpoint_mtime is not None
+            if cmt is not None and cmt > started and cmt != job.checkpoint_mtime:
+                progress = True
                 job.checkpoint_mtime = cmt
         procs = job.proc.tree()  # also keeps the tree's known pids fresh
-        if job.heartbeat_mtime is None:  # no heartbeat: CPU time is the best sign of life
+        if job.heartbeat_mtime is None:  # no heartbeat yet: CPU time is the best sign of life
             cpu = _cpu_seconds(procs)
             if job.cpu_time is not None and cpu - job.cpu_time >= CPU_PROGRESS_S:
                 progress = True
@@ -467,14 +468,20 @@ class Supervisor:
             if util is None or util > self.config.monitor.hang_idle_util_pct:
                 job.last_busy = now
         idle_for = now - max(job.last_progress, job.last_busy, job.started_at or now)
-        if idle_for < self.config.monitor.hang_timeout_s:
+        # a trainer starting up (imports, data, CUDA init) may sit idle for long: a
+        # longer limit applies until its first heartbeat or checkpoint
+        started_up = job.heartbeat_mtime is not None or job.checkpoint_mtime is not None
+        limit = self.config.monitor.hang_timeout_s if started_up else max(
+            self.config.monitor.hang_timeout_s, self.config.monitor.hang_startup_timeout_s
+        )
+        if idle_for < limit:
             return
         culprit = job.gpus[0] if job.gpus else None
         for uuid in job.gpus:
             self.hangs[uuid] = self.hangs.get(uuid, 0) + 1
         message = (
             f"job {job.name} hung: its GPU(s) idle and no progress for {idle_for:.0f}s "
-            f"(hang_timeout_s {self.config.monitor.hang_timeout_s:g}); checkpoint, kill and restart"
+            f"(limit {limit:g}s); checkpoint, kill and restart"
         )
         self._event(job, "hang", Severity.ERROR, message, gpu=culprit)
         for uuid in job.gpus:
@@ -882,7 +889,10 @@ class Supervisor:
             return out
 
     def jobs_on(self, uuid: str) -> list[str]:
-        return [j.name for j in self.jobs.values() if j.state not in FINAL and uuid in j.gpus and j.state != JobState.WAITING]
+        """The jobs holding this GPU now: a job waiting or in backoff has no process, and its
+        GPUs are only a preference another job may take meanwhile."""
+        idle = (JobState.WAITING, JobState.BACKOFF)
+        return [j.name for j in self.jobs.values() if j.state not in FINAL and j.state not in idle and uuid in j.gpus]
 
     def close(self) -> None:
         """Daemon stop: the jobs keep running; only watchers and threads go."""
