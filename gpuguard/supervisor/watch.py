@@ -2,8 +2,9 @@
 
 A trainer rewrites `last.pt` in place (Ultralytics' `write_bytes`), or
 replaces it by rename, or creates it in a run directory that does not exist
-yet. inotify (through watchdog) says *that* the file is being written, not
-when the write is over, so a write counts as complete once the file has
+yet. inotify (through watchdog) says *that* the file is being written; a
+close after writing or a rename into place says the write is over (checked
+after DONE_SETTLE_S), and other writes count as complete once the file has
 stayed unchanged (inode, size, mtime) for a settle time after the last event.
 The callback only says "look now"; validating and snapshotting is the
 caller's job, since the file may still be torn.
@@ -37,6 +38,9 @@ OnComplete = Callable[[str, Path], None]
 # (our own validation reading the file) and attrib are not among them
 _WRITE_EVENTS = frozenset({"created", "modified", "closed", "moved"})
 _DIR_EVENTS = frozenset({"created", "moved", "deleted"})
+# the writer closed the file or renamed it into place: the write is over
+_DONE_EVENTS = frozenset({"closed", "moved"})
+DONE_SETTLE_S = 0.05  # coalesces a close with the events right behind it
 _STOP = object()
 
 
@@ -158,12 +162,14 @@ class CheckpointWatcher:
         target = os.fsdecode(event.dest_path) if kind == "moved" else src
         for entry in self._jobs.values():
             if entry.path == target:
-                self._touch(entry)
+                self._touch(entry, done=kind in _DONE_EVENTS)
 
-    def _touch(self, entry: _Job) -> None:
-        """A write happened: (re)start its settle time."""
+    def _touch(self, entry: _Job, *, done: bool = False) -> None:
+        """A write happened: (re)start its settle time. A close after writing or
+        a rename into place means the writer is done: look almost at once, so a
+        trainer that saves more often than the settle time still gets copies."""
         entry.seen = _identity(entry.path)
-        entry.due = time.monotonic() + self.settle_s
+        entry.due = time.monotonic() + (DONE_SETTLE_S if done else self.settle_s)
 
     def _settle(self) -> None:
         """Report each file that stayed unchanged through its settle time."""

@@ -58,10 +58,23 @@ def test_chunked_write_reported_once_after_settling(tmp_path: Path, watcher: Che
     size = write_in_chunks(path)  # ~0.3 s of writing
     written = time.monotonic()
     assert calls.wait_for(1) == [("yolo", path, size)]
-    assert time.monotonic() - written >= SETTLE * 0.9
+    # the close after writing says the write is over: no need to wait the settle time
+    assert time.monotonic() - written < SETTLE
     assert written - started >= 0.25
     time.sleep(SETTLE * 1.5)
     assert len(calls.calls) == 1
+
+
+def test_write_left_open_is_reported_only_after_settling(tmp_path: Path, watcher: CheckpointWatcher) -> None:
+    path = tmp_path / "last.pt"
+    calls = Calls()
+    watcher.watch("yolo", path, calls)
+    with path.open("wb") as f:
+        f.write(b"x" * 4096)
+        f.flush()
+        written = time.monotonic()
+        assert calls.wait_for(1, timeout=SETTLE * 3)
+        assert time.monotonic() - written >= SETTLE * 0.9  # no close yet: only the settle time tells
 
     # written again in place (Ultralytics' write_bytes): one more call
     path.write_bytes(b"y" * 100)

@@ -1,0 +1,125 @@
+"""More of the supervisor through a real gpuguardd: snapshots and rollback,
+[[job]] from the config as its user, a minimum GPU count, migration off a
+degraded GPU, and SIGHUP reloading the health thresholds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon.conftest import DaemonProc
+
+from .jobs.trainer import read_step
+from .test_supervisor_e2e import FAST, TRAINER, attempts, job_view, run_trainer, running_attempt, uuid_of, wait_until
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[DaemonProc]:
+    d = DaemonProc(tmp_path, extra_config=FAST)
+    d.start()
+    yield d
+    for name in ("j",):
+        d.ctl("stop", name, check=False)
+    time.sleep(0.5)
+    d.stop()
+
+
+def test_snapshots_and_rollback_to_the_one_before_newest(daemon: DaemonProc, tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    run_trainer(daemon, "j", work, "--every", "3", "--step-s", "0.1")
+    running_attempt(daemon, "j", work)
+    snaps = wait_until(
+        lambda: (s := json.loads(daemon.ctl("snapshots", "j", "--json").stdout)) and len(s) >= 3 and s,
+        20,
+        "three snapshots",
+    )
+    target = snaps[1]  # newest first: the one before the newest
+    daemon.ctl("rollback", "j")
+    second = running_attempt(daemon, "j", work, attempt=2)
+    assert second["env"]["GPUGUARD_RESUME_FROM"] == target["path"]
+    assert second["start_step"] == read_step(Path(target["path"]))
+    assert second["start_step"] < read_step(Path(snaps[0]["path"]))
+    missing = daemon.ctl("rollback", "j", "no-such-snapshot", check=False)
+    assert missing.returncode == 1 and "no snapshot" in missing.stderr
+
+
+def test_min_gpus_starts_on_fewer_gpus(daemon: DaemonProc, tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    daemon.ctl("exclude", "1")
+    daemon.ctl("run", "--name", "j", "--gpus", "2", "--min-gpus", "1", "--workdir", str(work), "--",
+               sys.executable, str(TRAINER))  # fmt: skip
+    first = running_attempt(daemon, "j", work)
+    assert first["env"]["CUDA_VISIBLE_DEVICES"] == uuid_of(daemon, 0)
+
+
+def test_degraded_gpu_job_migrates_when_another_is_free(daemon: DaemonProc, tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    work.mkdir()
+    run_trainer(daemon, "j", work)
+    first = running_attempt(daemon, "j", work)
+    gpu0 = uuid_of(daemon, 0)
+    assert first["env"]["CUDA_VISIBLE_DEVICES"] == gpu0
+    daemon.ctl("inject", "0", "thermal", "89")  # degraded, not faulted
+    second = running_attempt(daemon, "j", work, attempt=2)
+    assert second["env"]["CUDA_VISIBLE_DEVICES"] == uuid_of(daemon, 1)
+    assert second["start_step"] > 0  # it checkpointed at its own pace and resumed
+    assert daemon.gpu(0)["state"] == "degraded"  # moved off, not excluded
+
+
+def test_config_job_starts_as_its_user(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or shutil.which("python3", path="/usr/bin") is None:
+        pytest.skip("needs root and /usr/bin/python3")
+    shared = Path(tempfile.mkdtemp(prefix="gg-cfgjob-", dir="/tmp"))
+    shared.chmod(0o777)
+    try:
+        out = shared / "uid"
+        extra = (
+            "[[job]]\n"
+            'name = "cfg"\n'
+            f'command = ["/usr/bin/python3", "-c", "import os; open({str(out)!r}, \'w\').write(str(os.getuid()))"]\n'
+            'user = "nobody"\n'
+            f'workdir = "{shared}"\n'
+        )
+        d = DaemonProc(tmp_path, extra_config=extra)
+        d.start()
+        try:
+            wait_until(lambda: job_view(d, "cfg")["state"] == "succeeded", 15, "the config job to finish")
+            import pwd
+
+            assert out.read_text() == str(pwd.getpwnam("nobody").pw_uid)
+        finally:
+            d.stop()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_sighup_reloads_health_thresholds(tmp_path: Path) -> None:
+    d = DaemonProc(tmp_path)
+    d.start()
+    try:
+        d.ctl("inject", "0", "thermal", "80")
+        d.wait_for(lambda s: s["gpus"][0]["temperature_c"] == 80, what="80 C")
+        assert d.gpu(0)["state"] == "healthy"
+        d.config.write_text(d.config.read_text() + "[health]\ntemperature_degraded_c = 75\n")
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_for(lambda s: s["gpus"][0]["state"] == "degraded", what="degraded after the reload")
+        assert "config_reloaded" in d.log.read_text()
+        d.config.write_text(d.config.read_text() + "[health]\nbroken = 1\n")  # a bad edit
+        d.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert d.proc.poll() is None and d.gpu(0)["state"] == "degraded"  # still running, old config kept
+        assert "config_reload_failed" in d.log.read_text()
+    finally:
+        d.stop()
