@@ -19,9 +19,10 @@ Checked at the end, printed as a table; exit 0 only if every one holds:
   - no process left behind once the jobs are done and the daemon stopped;
   - the daemon's RSS and the event store stay bounded.
 
-Not covered: a full state disk. As root, permission bits do not stop writes
-and the store holds its database open, so there is no safe way to fill the
-disk from here; the store's own tests cover ENOSPC (events wait in a backlog).
+A full state disk (`--disk-full`, on with `--long`): the state dir is a
+small tmpfs of its own (mounting needs root), and the fault fills it to
+ENOSPC for a few seconds, then frees it. Without root or mount it is skipped,
+and the store's own tests still cover ENOSPC (events wait in a backlog).
 
 The seed fixes the schedule (times, classes, target picks); outcomes still
 depend on timing. Usage:
@@ -186,11 +187,15 @@ class Record:
 
 
 class Chaos:
-    def __init__(self, base: Path, seed: int, duration_s: float) -> None:
+    def __init__(self, base: Path, seed: int, duration_s: float, disk_full: bool = False) -> None:
         self.base = base
         self.rng = random.Random(seed)
         self.duration_s = duration_s
         self.daemon = Daemon(base)
+        self.faults = dict(FAULTS)
+        self.mounted = disk_full and mount_small_disk(self.daemon.state)
+        if self.mounted:
+            self.faults["disk-full"] = ("disk", ())
         self.record = Record()
         self.lock = threading.Lock()  # one actor on the daemon's life at a time
         self.done = threading.Event()
@@ -232,15 +237,15 @@ class Chaos:
         """Every class once in a random order, then random classes, at random times in the fault phase."""
         start = time.monotonic() + 1.0
         phase = self.duration_s * 0.75 - 1.0
-        count = max(len(FAULTS), int(phase / 1.5))
-        classes = self.rng.sample(sorted(FAULTS), len(FAULTS))
-        classes += [self.rng.choice(sorted(FAULTS)) for _ in range(count - len(FAULTS))]
+        count = max(len(self.faults), int(phase / 1.5))
+        classes = self.rng.sample(sorted(self.faults), len(self.faults))
+        classes += [self.rng.choice(sorted(self.faults)) for _ in range(count - len(self.faults))]
         times = sorted(self.rng.uniform(0, phase) for _ in classes)
         return [(start + t, c) for t, c in zip(times, classes)]
 
     # --- faults ------------------------------------------------------------
     def inject(self, fault: str) -> None:
-        target, args = FAULTS[fault]
+        target, args = self.faults[fault]
         pick = self.rng.random()  # drawn whatever happens, so the seed fixes every later pick
         with self.lock:
             try:
@@ -254,6 +259,9 @@ class Chaos:
         running = sorted((j for j in status["jobs"] if j["state"] == "running" and j["gpus"]), key=lambda j: j["name"])
         if target == "daemon":
             self.daemon.kill_and_restart()
+            return True
+        if target == "disk":
+            fill_for(self.daemon.state / "filler", DISK_FULL_S)
             return True
         if target == "gpu":
             candidates = [g["index"] for g in status["gpus"] if g["index"] not in self.lost]
@@ -456,9 +464,10 @@ class Chaos:
             ("daemon stopped cleanly", stopped == 0, f"exit {stopped}"),
         ]
         print("\nfaults by class (injected / skipped: no target at that moment)")
-        for fault in sorted(FAULTS):
+        for fault in sorted(self.faults):
             print(f"  {fault:<14} {self.record.injected[fault]:>3} / {self.record.skipped[fault]}")
-        print("  state-disk-full  not run: no safe way to fill the state disk here (see the module docstring)")
+        if "disk-full" not in self.faults:
+            print("  disk-full      not run (needs --disk-full, root and tmpfs; see the module docstring)")
         print(f"operator actions: {dict(self.record.heals)}; daemon starts: {self.daemon.starts}")
         print("jobs:")
         for name in JOBS:
@@ -468,6 +477,34 @@ class Chaos:
         for label, ok, detail in rows:
             print(f"{label:<45} {'yes' if ok else 'NO ':<5} {detail}")
         return 0 if all(ok for _, ok, _ in rows) else 1
+
+
+DISK_FULL_S = 3.0
+DISK_SIZE = "64m"
+
+
+def mount_small_disk(path: Path) -> bool:
+    """A tmpfs of its own for the state dir, so filling it harms nothing else."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE},mode=0711", "tmpfs", str(path)], capture_output=True
+    )
+    return done.returncode == 0
+
+
+def fill_for(filler: Path, seconds: float) -> None:
+    """Fill the disk under filler to ENOSPC, and free it again after `seconds`."""
+    chunk = b"\0" * (1 << 20)
+    try:
+        with filler.open("wb") as f:
+            while True:
+                f.write(chunk)
+                f.flush()
+    except OSError:
+        pass
+    threading.Timer(seconds, lambda: filler.unlink(missing_ok=True)).start()
 
 
 def attempts(workdir: Path) -> list[dict[str, Any]]:
@@ -490,12 +527,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=None, help="seconds of faults and work (default 45, 300 with --long)")
     parser.add_argument("--long", action="store_true", help="a long run: 300 s (faults for the first 225 s)")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory (daemon log, state) afterwards")
+    parser.add_argument("--disk-full", action="store_true", help="also fill the state disk (a tmpfs; on with --long)")
     args = parser.parse_args(argv)
     duration = args.duration or (300.0 if args.long else 45.0)
     base = Path(tempfile.mkdtemp(prefix="gpuguard-chaos-"))
     started = time.monotonic()
     print(f"chaos: seed {args.seed}, {duration:.0f} s, {GPUS} simulated GPUs, jobs {', '.join(JOBS)}; dir {base}", flush=True)
-    chaos = Chaos(base, args.seed, duration)
+    chaos = Chaos(base, args.seed, duration, disk_full=args.disk_full or args.long)
     try:
         chaos.run()
         code = chaos.verdict()
@@ -504,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         for proc in chaos.trainers():
             proc.send_signal(signal.SIGCONT)
             proc.kill()
+        if chaos.mounted:
+            subprocess.run(["umount", "-l", str(chaos.daemon.state)], check=False)
     print(f"\n{'PASS' if code == 0 else 'FAIL'} in {time.monotonic() - started:.0f} s")
     if code == 0 and not args.keep:
         shutil.rmtree(base, ignore_errors=True)
