@@ -114,7 +114,9 @@ class JobSpec:
     """One `[[job]]` table: the blueprint of a managed job."""
 
     name: str
-    command: tuple[str, ...]
+    command: tuple[str, ...] = ()
+    # instead of a command: `gpuguard-yolo train` with these arguments (KEY = value)
+    yolo: tuple[tuple[str, str], ...] = ()
     workdir: Path | None = None
     env: tuple[tuple[str, str], ...] = ()
     user: str | None = None
@@ -299,6 +301,10 @@ def _convert_tuple(item: Any, value: object, key: str) -> tuple[Any, ...]:
             raise _Problem(key, f"expected an array of strings, got {_describe(value)}")
         return tuple(_convert(str, element, f"{key}[{i}]") for i, element in enumerate(value))
     if item == tuple[str, str]:
+        if key.endswith(".yolo"):  # training arguments: any TOML scalar, as `yolo train` takes it
+            if not isinstance(value, dict):
+                raise _Problem(key, f"expected a table of training arguments, got {_describe(value)}")
+            return tuple(sorted((name, _yolo_value(v, _join(key, name))) for name, v in value.items()))
         if not isinstance(value, dict):
             raise _Problem(key, f"expected a table of strings, got {_describe(value)}")
         return tuple(sorted((name, _convert(str, text, _join(key, name))) for name, text in value.items()))
@@ -307,6 +313,14 @@ def _convert_tuple(item: Any, value: object, key: str) -> tuple[Any, ...]:
             raise _Problem(key, f"expected an array of tables ([[{key}]]), got {_describe(value)}")
         return tuple(_build(item, element, f"{key}[{i}]") for i, element in enumerate(value))
     raise TypeError(f"config field {key} has a tuple type the loader does not know: tuple[{item}, ...]")
+
+
+def _yolo_value(value: object, key: str) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str | int | float):
+        return str(value)
+    raise _Problem(key, f"expected a string, number or boolean, got {_describe(value)}")
 
 
 def _is_int(value: object) -> bool:
@@ -481,8 +495,14 @@ def _job_problems(job: JobSpec, key: str, seen: dict[str, int]) -> Iterator[tupl
         )
     elif job.name in seen:
         yield f"{key}.name", f"{json.dumps(job.name)} is already the name of job[{seen[job.name]}]"
-    if not job.command or not job.command[0]:
-        yield f"{key}.command", "must name a program: a non-empty argv list"
+    if job.command and job.yolo:
+        yield f"{key}.yolo", "give either command or yolo, not both"
+    elif job.yolo:
+        names = {name for name, _ in job.yolo}
+        if "data" not in names:
+            yield f"{key}.yolo", "needs data = \"/abs/path/data.yaml\""
+    elif not job.command or not job.command[0]:
+        yield f"{key}.command", "must name a program: a non-empty argv list (or give yolo = { ... })"
     if job.min_gpus is not None and not 1 <= job.min_gpus <= job.gpus:
         yield f"{key}.min_gpus", f"must be between 1 and gpus ({job.gpus}); got {job.min_gpus}"
     if job.user is not None and not job.user:

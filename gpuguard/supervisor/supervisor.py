@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import pwd
 import signal
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -233,9 +234,14 @@ class Supervisor:
         if checkpoint is not None and not checkpoint.is_absolute():
             checkpoint = workdir / checkpoint
         env = self._base_env(spec.user) | dict(spec.env)
+        command = list(spec.command) or [
+            str(Path(sys.executable).parent / "gpuguard-yolo"),
+            "train",
+            *(f"{key}={value}" for key, value in spec.yolo),
+        ]
         return Job(
             name=spec.name,
-            command=list(spec.command),
+            command=command,
             workdir=workdir,
             env=env,
             user=user,

@@ -94,3 +94,33 @@ def test_sigstopped_trainer_is_seen_as_hung_restarted_and_completes(tmp_path: Pa
         assert "hang" in kinds and "job_restarted" in kinds
     finally:
         proc.stop()
+
+
+def test_yolo_job_from_the_config_trains(tmp_path: Path) -> None:
+    """[[job]] with yolo = { ... }: the same gpuguard-yolo, no command written."""
+    data = tmp_path / "data"
+    os.system(f"{BIN / 'gpuguard-yolo'} make-dataset {data} > /dev/null")
+    project = tmp_path / "runs"
+    extra = (
+        "[[job]]\n"
+        'name = "cfg-yolo"\n'
+        f'workdir = "{tmp_path}"\n'
+        f'yolo = {{ model = "yolov8n.yaml", data = "{data / "data.yaml"}", epochs = 1, imgsz = 64, batch = 8, '
+        f'workers = 0, project = "{project}", name = "cfg", plots = false }}\n'
+    )
+    proc = DaemonProc(tmp_path, extra_config=extra)
+    proc.start()
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            job = next(j for j in proc.status()["jobs"] if j["name"] == "cfg-yolo")
+            if job["state"] in ("succeeded", "failed"):
+                break
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+        assert job["state"] == "succeeded", job
+        assert job["command"][1:3] == ["train", "batch=8"]
+        assert job["checkpoint_path"] == str(project / "cfg" / "weights" / "last.pt")
+        assert _epochs(project / "cfg" / "results.csv") == [1]
+    finally:
+        proc.stop()
