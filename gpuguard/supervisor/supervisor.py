@@ -739,6 +739,9 @@ class Supervisor:
         }
         if resume:
             env["GPUGUARD_RESUME_FROM"] = resume
+        # stock torchrun dies of the checkpoint signal and orphans its workers;
+        # told to handle it, its agent passes it on to every worker (docs/DDP.md)
+        env.setdefault("PET_SIGNALS_TO_HANDLE", f"SIGTERM,SIGINT,SIGHUP,SIGQUIT,{self.config.jobs.checkpoint_signal}")
         return env
 
     def _prepare_dirs(self, job: Job) -> None:
