@@ -195,6 +195,10 @@ class Supervisor:
                 log.error("job_record_unreadable", record=str(rec)[:300], error=str(exc))
                 continue
             self.jobs[job.name] = job
+        # every job is known before any is restarted: a job that ended while no
+        # daemon ran must not be placed on a GPU a job adopted later still holds
+        # (found by the chaos run)
+        for job in list(self.jobs.values()):
             self._readopt(job)
         for spec in self.config.job:
             if spec.name not in self.jobs:

@@ -1,0 +1,56 @@
+"""A daemon restart that finds one job ended (exit 75, to be restarted) and
+another still running must not start the first on the second's GPU (found by
+the chaos run: records were re-adopted one by one, so a GPU of a job not read
+yet looked free)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from daemon.conftest import DaemonProc
+from gpuguard.store import EventStore
+
+
+def test_restarted_job_waits_for_a_gpu_a_later_job_still_holds(tmp_path: Path) -> None:
+    probe = DaemonProc(tmp_path / "probe")  # only to learn the simulated GPUs' UUIDs
+    probe.start()
+    gpu0, gpu1 = probe.gpu(0)["uuid"], probe.gpu(1)["uuid"]
+    probe.stop()
+
+    proc = DaemonProc(tmp_path)
+    proc.state_dir.mkdir(parents=True, mode=0o711)
+    (proc.state_dir / "jobs" / "a").mkdir(parents=True)
+    (proc.state_dir / "jobs" / "a" / "exit-status").write_text("75\n")  # "a" saved and exited while no daemon ran
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        store = EventStore(proc.state_dir / "gpuguard.db")
+        common = {"command": [sys.executable, "-c", "import time; time.sleep(60)"], "workdir": str(tmp_path),
+                  "env": {}, "user": None, "gpus_wanted": 1, "source": "cli", "attempt": 1}
+        dead = psutil.Process(live.pid).create_time() - 100  # no process was created then: "a" is gone
+        store.put_job("a", {**common, "name": "a", "state": "running", "gpus": [gpu0], "pid": 999999, "start_time": dead})
+        store.put_job("b", {**common, "name": "b", "state": "running", "gpus": [gpu1], "pid": live.pid,
+                            "start_time": psutil.Process(live.pid).create_time()})  # fmt: skip
+        store.exclude(gpu0, "bad", by="test")  # "a" must move: the only other GPU is b's
+        store.close()
+        proc.start()
+        try:
+            time.sleep(1.0)
+            jobs = {j["name"]: j for j in proc.status()["jobs"]}
+            assert jobs["b"]["state"] == "running" and jobs["b"]["gpus"] == [gpu1]
+            assert jobs["a"]["state"] == "waiting", jobs["a"]
+            assert gpu1 not in jobs["a"]["gpus"]
+            kinds = [e["kind"] for e in json.loads(proc.ctl("events", "--json").stdout)]
+            assert "job_adopted" in kinds and "job_waiting" in kinds
+        finally:
+            proc.ctl("stop", "a", check=False)
+            proc.ctl("stop", "b", check=False)
+            proc.stop()
+    finally:
+        live.kill()
+        live.wait()
