@@ -839,6 +839,8 @@ class Supervisor:
             for p in track.snapshot.processes:
                 if p.pid in ours or p.pid == os.getpid() or (uuid, p.pid) in self.foreign_signalled:
                     continue
+                if not psutil.pid_exists(p.pid):  # gone since the poll listed it
+                    continue
                 self.foreign_signalled.add((uuid, p.pid))
                 try:
                     os.kill(p.pid, sig)
