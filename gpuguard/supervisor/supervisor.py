@@ -44,6 +44,7 @@ log = structlog.get_logger("gpuguard.supervisor")
 
 EX_TEMPFAIL = 75  # "I saved a checkpoint, restart me": never a crash
 HANG_GRACE_S = 10.0  # a hung trainer gets this long (at most) to checkpoint
+HANG_TERM_S = 2.0  # ... and this long (at most) after SIGTERM: a hung process rarely acts on it
 HANGS_TO_EXCLUDE = 2  # hangs on the same GPU before it leaves the pool
 CPU_PROGRESS_S = 0.05  # CPU seconds per tick that count as progress for jobs without a heartbeat
 TAIL_BYTES = 4096
@@ -498,7 +499,14 @@ class Supervisor:
             if self.hangs[uuid] >= HANGS_TO_EXCLUDE:
                 self._exclude(uuid, f"{self.hangs[uuid]} hangs of jobs on this GPU")
         job.state = transition(job.state, JobEvent.HANG)
-        self._begin_stop(job, "restart", "hang", checkpoint=True, grace_s=min(HANG_GRACE_S, self.config.jobs.checkpoint_grace_s))
+        self._begin_stop(
+            job,
+            "restart",
+            "hang",
+            checkpoint=True,
+            grace_s=min(HANG_GRACE_S, self.config.jobs.checkpoint_grace_s),
+            term_timeout_s=min(HANG_TERM_S, self.config.jobs.stop_timeout_s),
+        )
 
     # --- stopping ------------------------------------------------------
     def _begin_stop(
@@ -509,6 +517,7 @@ class Supervisor:
         *,
         checkpoint: bool,
         grace_s: float | None = None,
+        term_timeout_s: float | None = None,
     ) -> None:
         """Run the contract's stop sequence on a worker thread."""
         assert job.proc is not None
@@ -522,6 +531,7 @@ class Supervisor:
             job.state = JobState.CHECKPOINTING
         sig = signal.Signals[self.config.jobs.checkpoint_signal] if checkpoint else None
         grace = self.config.jobs.checkpoint_grace_s if grace_s is None else grace_s
+        term = self.config.jobs.stop_timeout_s if term_timeout_s is None else term_timeout_s
 
         def on_phase(phase: str) -> None:
             if phase in ("term", "kill"):
@@ -531,7 +541,7 @@ class Supervisor:
                         self._persist(job)
 
         def run() -> None:
-            result = proc.stop(sig, grace, self.config.jobs.stop_timeout_s, on_phase)
+            result = proc.stop(sig, grace, term, on_phase)
             with self.lock:
                 job.stop_result = result
             self.daemon.wake()  # finish the stop at once, not at the next poll
