@@ -31,12 +31,13 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from docblock import replace_block  # noqa: E402
 
 from gpuguard.sim.backend import SimulatedBackend  # noqa: E402
 
 DOCS = REPO / "docs" / "BENCHMARKS.md"
-BEGIN = "<!-- footprint:begin -->"
-END = "<!-- footprint:end -->"
 MB = 1024 * 1024
 START_TIMEOUT_S = 30.0
 
@@ -163,15 +164,6 @@ def table(rows: list[Footprint], args: argparse.Namespace, load: tuple[float, fl
     return "\n".join(lines)
 
 
-def write_docs(text: str, path: Path) -> None:
-    """Replace what stands between the footprint markers."""
-    doc = path.read_text()
-    start, end = doc.find(BEGIN), doc.find(END)
-    if start < 0 or end < start:
-        raise SystemExit(f"{path}: no {BEGIN} ... {END} markers to replace between")
-    path.write_text(doc[: start + len(BEGIN)] + "\n" + text + "\n" + doc[end:])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 8, 16], help="simulated GPU counts")
@@ -189,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows, args, load)
     print(text)
     if args.write_docs:
-        write_docs(text, DOCS)
+        replace_block("footprint", text)
     return 0
 
 
