@@ -28,6 +28,7 @@ chaos: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/footprint.py --write-docs
 	$(PY) bench/detection.py --samples 30 --write-docs
+	$(PY) bench/store_growth.py --write-docs
 	$(PY) bench/control_plane.py --write-docs
 	$(PY) bench/resume.py --write-docs
 
