@@ -12,15 +12,14 @@ import json
 import os
 import signal
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 import pytest
 
-from daemon.conftest import DaemonProc
+from daemon.conftest import DaemonProc, gone, wait_until
 
 torch = pytest.importorskip("torch")
 
@@ -28,18 +27,8 @@ JOB = Path(__file__).with_name("ddp_job.py")
 
 CONFIG = "[jobs]\ncheckpoint_grace_s = 20.0\nstop_timeout_s = 2.0\n"
 START_S = 45.0  # three torch imports on a busy 2-core machine
-T = TypeVar("T")
 
 
-def wait_until(probe: Callable[[], T], timeout_s: float, what: str) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
@@ -55,11 +44,6 @@ def ranks_of(work: Path, attempt: int) -> list[dict[str, Any]]:
     return sorted(found, key=lambda r: r["rank"]) if len(found) == 2 else []
 
 
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 class DdpSetup:

@@ -14,15 +14,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 import pytest
 
 import gpuguard
-from daemon.conftest import DaemonProc
+from daemon.conftest import DaemonProc, gone, wait_until
 
 from .jobs.trainer import ATTEMPTS, read_step
 
@@ -30,22 +30,11 @@ TRAINER = Path(__file__).with_name("jobs") / "trainer.py"
 REPO = Path(gpuguard.__file__).resolve().parent.parent
 GRACE_S = 2.0
 FAST = f"[jobs]\ncheckpoint_grace_s = {GRACE_S}\nstop_timeout_s = 0.5\n"
-T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- helpers
 
 
-def wait_until(probe: Callable[[], T], timeout_s: float, what: str) -> T:
-    """Poll until probe() is truthy; returns its value."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def attempts(workdir: Path) -> list[dict[str, Any]]:
@@ -72,11 +61,6 @@ def uuid_of(d: DaemonProc, index: int) -> str:
     return d.gpu(index)["uuid"]
 
 
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def run_trainer(d: DaemonProc, name: str, workdir: Path, *flags: str, max_restarts: int | None = None) -> None:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon.conftest import DaemonProc
+from daemon.conftest import DaemonProc, wait_until
 
 from .jobs.trainer import read_step
-from .test_supervisor_e2e import FAST, TRAINER, attempts, job_view, run_trainer, running_attempt, uuid_of, wait_until
+from .test_supervisor_e2e import FAST, TRAINER, job_view, run_trainer, running_attempt, uuid_of
 
 
 @pytest.fixture
