@@ -40,6 +40,7 @@ PR_SET_CHILD_SUBREAPER = 36
 _POLL_S = 0.02  # how often stop() looks whether the tree is gone
 _KILL_WAIT_S = 2.0  # after SIGKILL: how long until a process counts as a survivor
 _WRAPPER_WAIT_S = 0.5  # after killing the job: time for the wrapper to record it
+_FROZEN_CHECK_S = 0.25  # during the grace: how often to look whether the job is stopped
 
 StopPhase = Literal["checkpoint", "term", "kill", "already_exited"]
 
@@ -376,6 +377,24 @@ class JobProcess:
                 sent.append(pid)
         return sent
 
+    def _frozen(self) -> bool:
+        """Every process under the wrapper is stopped (SIGSTOP, a tracer): none can act on a signal."""
+        procs = [p for p in self.tree() if p.pid != self.pid]
+        try:
+            return bool(procs) and all(p.status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP) for p in procs)
+        except psutil.Error:
+            return False
+
+    def _wait_gone_unless_frozen(self, timeout_s: float) -> bool:
+        """Like _wait_gone, but give up early when the job is frozen and cannot answer."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if self._wait_gone(max(0.0, min(_FROZEN_CHECK_S, remaining))):
+                return True
+            if remaining <= 0 or self._frozen():
+                return False
+
     def _wait_tree_gone(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         while self._tree_ids():
@@ -403,6 +422,8 @@ class JobProcess:
     ) -> StopResult:
         """The contract's stop: checkpoint signal to the main process, then SIGTERM the tree, then SIGKILL.
 
+        A job whose processes are all stopped (SIGSTOP) can answer neither the
+        checkpoint signal nor SIGTERM: it is SIGKILLed as soon as that is seen.
         on_phase is told "checkpoint", "term" and "kill" as each begins.
         """
         notify = on_phase or (lambda _phase: None)
@@ -412,8 +433,16 @@ class JobProcess:
         if phase is None and checkpoint_signal is not None:
             notify("checkpoint")
             self.signal_main(checkpoint_signal)
-            if self._wait_gone(grace_s):
+            if self._wait_gone_unless_frozen(grace_s):
                 phase = "checkpoint"
+        if self._tree_ids() and self._frozen():
+            # a stopped job can act on no signal but SIGKILL: waiting out the
+            # grace or SIGTERM's timeout would only delay the restart
+            notify("kill")
+            killed = self._kill()
+            self._wait_tree_gone(_KILL_WAIT_S)
+            if phase is None and not self.alive():
+                phase = "kill"
         if self._tree_ids():
             notify("term")
             self.signal_tree(signal.SIGTERM)
