@@ -888,7 +888,8 @@ class Supervisor:
         with self.lock:
             out = []
             for job in sorted(self.jobs.values(), key=lambda j: j.name):
-                newest = self.ring.newest(job.name)
+                snapshots = self.ring.list(job.name)  # one directory read per job and status call
+                newest = snapshots[0] if snapshots else None
                 out.append(
                     {
                         "name": job.name,
@@ -900,7 +901,7 @@ class Supervisor:
                         "checkpoint": job.resume_pin or (str(newest.path) if newest else None),
                         "checkpoint_path": str(job.checkpoint) if job.checkpoint else None,
                         "checkpoint_age_s": round(time.time() - newest.created, 1) if newest else None,
-                        "snapshots": len(self.ring.list(job.name)),
+                        "snapshots": len(snapshots),
                         "reason": job.reason,
                         "exit_code": job.exit_code,
                         "command": job.command,
