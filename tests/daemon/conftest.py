@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +20,47 @@ import psutil
 import pytest
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
+
+# Acting as another user: the tests run as root, so clients and jobs of an
+# unprivileged user run as `nobody`, with an interpreter nobody may execute
+# (the venv's may sit under /root) and the repository on PYTHONPATH.
+NOBODY = pwd.getpwnam("nobody")
+NOBODY_ENV = {"PYTHONPATH": str(REPO), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+
+def as_nobody(args: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, user=NOBODY.pw_uid, group=NOBODY.pw_gid, extra_groups=[], env=NOBODY_ENV, cwd="/",
+        capture_output=True, text=True, timeout=30, **kw,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def nobody_python() -> str:
+    """An interpreter nobody may run that imports gpuguard's client side."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as nobody")
+    system = shutil.which("python3", path=NOBODY_ENV["PATH"]) or ""
+    for exe in dict.fromkeys([sys.executable, os.path.realpath(sys.executable), system]):
+        try:
+            if exe and as_nobody([exe, "-c", "import gpuguard.ctl, gpuguard.control.client"]).returncode == 0:
+                return exe
+        except OSError:
+            continue
+    pytest.skip("no Python interpreter that user nobody may run")
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory nobody can reach (pytest's tmp_path sits under a 0700 one)."""
+    path = Path(tempfile.mkdtemp(prefix="gpuguard-open-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
 
 
 def wait_until(probe: Callable[[], T], timeout_s: float, what: str) -> T:

@@ -7,12 +7,9 @@ from __future__ import annotations
 import grp
 import json
 import os
-import pwd
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,13 +18,11 @@ from typing import Any
 import psutil
 import pytest
 
-import gpuguard
-from daemon.conftest import DaemonProc, gone, wait_until
+from daemon.conftest import NOBODY, DaemonProc, as_nobody, gone, nobody_python, open_dir, wait_until  # noqa: F401
 
 from .jobs.trainer import ATTEMPTS, read_step
 
 TRAINER = Path(__file__).with_name("jobs") / "trainer.py"
-REPO = Path(gpuguard.__file__).resolve().parent.parent
 GRACE_S = 2.0
 FAST = f"[jobs]\ncheckpoint_grace_s = {GRACE_S}\nstop_timeout_s = 0.5\n"
 
@@ -335,42 +330,7 @@ def test_stop_ends_the_whole_tree_and_frees_the_gpu(setup: Setup) -> None:
 # ---------------------------------------------------------------- privileges
 
 
-NOBODY = pwd.getpwnam("nobody")
-PLAIN_ENV = {"PYTHONPATH": str(REPO), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 JOB = "import json, os; open('uid.json', 'w').write(json.dumps({'uid': os.getuid(), 'gid': os.getgid()}))"
-
-
-def _as_nobody(args: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        args, user=NOBODY.pw_uid, group=NOBODY.pw_gid, extra_groups=[], env=PLAIN_ENV, cwd="/",
-        capture_output=True, text=True, timeout=30, **kw,
-    )
-
-
-@pytest.fixture(scope="module")
-def nobody_python() -> str:
-    """An interpreter nobody may run that imports gpuguard (the venv's sits under /root)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to act as nobody")
-    system = shutil.which("python3", path=PLAIN_ENV["PATH"]) or ""
-    for exe in dict.fromkeys([sys.executable, os.path.realpath(sys.executable), system]):
-        try:
-            if exe and _as_nobody([exe, "-c", "import gpuguard.ctl"]).returncode == 0:
-                return exe
-        except OSError:
-            continue
-    pytest.skip("no Python interpreter that user nobody may run")
-
-
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A directory nobody can reach (pytest's tmp_path sits under a 0700 one)."""
-    path = Path(tempfile.mkdtemp(prefix="gpuguard-e2e-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path)
 
 
 def test_run_from_an_unprivileged_user_runs_as_that_user(nobody_python: str, open_dir: Path, setup: Setup) -> None:
@@ -379,7 +339,7 @@ def test_run_from_an_unprivileged_user_runs_as_that_user(nobody_python: str, ope
     d = setup.daemon(daemon_keys=f'admin_group = "{group}"\n')
     work = setup.workdir()
     work.chmod(0o1777)
-    done = _as_nobody([
+    done = as_nobody([
         nobody_python, "-c", "import sys; from gpuguard.ctl import main; sys.exit(main())",
         "--socket", str(d.socket), "run", "--name", "mine", "--workdir", str(work),
         "--", nobody_python, "-c", JOB,
