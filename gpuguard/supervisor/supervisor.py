@@ -85,7 +85,8 @@ class Job:
     reason: str | None = None
     exit_code: int | None = None
     after_stop: str | None = None  # "restart" | "stopped" | "rollback"
-    resume_pin: str | None = None  # a rollback's snapshot, until a newer one is saved
+    resume_pin: str | None = None  # a rollback's snapshot, until a later attempt saves a newer one
+    pin_attempt: int = 0  # the attempt running when the rollback was asked: its late checkpoints do not count
     pending_resets: list[str] = field(default_factory=list)  # GPUs to reset once the job is off them
     # runtime only
     proc: JobProcess | None = None
@@ -126,6 +127,7 @@ class Job:
             "exit_code": self.exit_code,
             "after_stop": self.after_stop,
             "resume_pin": self.resume_pin,
+            "pin_attempt": self.pin_attempt,
             "pending_resets": self.pending_resets,
         }
 
@@ -157,6 +159,7 @@ class Job:
             exit_code=rec.get("exit_code"),
             after_stop=rec.get("after_stop"),
             resume_pin=rec.get("resume_pin"),
+            pin_attempt=int(rec.get("pin_attempt", 0)),
             pending_resets=list(rec.get("pending_resets") or []),
         )
 
@@ -346,6 +349,7 @@ class Supervisor:
                     "not_found",
                 )
             job.resume_pin = str(snap.path)
+            job.pin_attempt = job.attempt
             job.reason = f"rollback to {snap.id} by {by}"
             if job.proc is not None and job.stopping is None:
                 # no checkpoint: one taken now would be newer than the snapshot asked for
@@ -800,7 +804,10 @@ class Supervisor:
     def _snapshot(self, job: Job, path: Path) -> None:
         result = self.ring.add(job.name, path, job_workdir=job.workdir, meta={"attempt": job.attempt})
         if result.saved and result.snapshot is not None:
-            job.resume_pin = None  # newer work supersedes a rollback
+            if job.attempt > job.pin_attempt:
+                # newer work supersedes a rollback; a checkpoint the rolled-back attempt
+                # wrote just before its stop (seen late by the watcher) does not
+                job.resume_pin = None
             self._event(job, "snapshot_saved", Severity.INFO, f"job {job.name}: checkpoint {path} saved as snapshot {result.snapshot.id}")
         elif result.snapshot is None:
             self._event(job, "snapshot_rejected", Severity.WARNING, f"job {job.name}: checkpoint {path} not kept: {result.reason}")

@@ -63,7 +63,7 @@ def open_dir() -> Iterator[Path]:
         shutil.rmtree(path)
 
 
-def wait_until(probe: Callable[[], T], timeout_s: float, what: str) -> T:
+def wait_until(probe: Callable[[], T], timeout_s: float, what: str, interval: float = 0.05) -> T:
     """Poll until probe() is truthy; returns its value."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -72,7 +72,7 @@ def wait_until(probe: Callable[[], T], timeout_s: float, what: str) -> T:
             return value
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(interval)
 
 
 def gone(pid: int) -> bool:

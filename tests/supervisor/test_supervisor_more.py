@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -33,16 +34,30 @@ def daemon(tmp_path: Path) -> Iterator[DaemonProc]:
     d.stop()
 
 
+def frozen_with_snapshots(daemon: DaemonProc, work: Path, count: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run the trainer until it has `count` snapshots, then SIGSTOP it so the list holds still."""
+    run_trainer(daemon, "j", work, "--every", "3", "--step-s", "0.1")
+    first = running_attempt(daemon, "j", work)
+    wait_until(lambda: len(list_snapshots(daemon)) >= count, 20, f"{count} snapshots")
+    os.kill(first["pid"], signal.SIGSTOP)  # our own trainer: no more checkpoints from here on
+    previous: list[dict[str, Any]] = []
+
+    def settled() -> list[dict[str, Any]] | None:
+        nonlocal previous
+        now, previous = previous, list_snapshots(daemon)
+        return previous if now == previous else None
+
+    return first, wait_until(settled, 10, "the snapshot list to settle", interval=0.5)
+
+
+def list_snapshots(daemon: DaemonProc) -> list[dict[str, Any]]:
+    return json.loads(daemon.ctl("snapshots", "j", "--json").stdout)
+
+
 def test_snapshots_and_rollback_to_the_one_before_newest(daemon: DaemonProc, tmp_path: Path) -> None:
     work = tmp_path / "w"
     work.mkdir()
-    run_trainer(daemon, "j", work, "--every", "3", "--step-s", "0.1")
-    running_attempt(daemon, "j", work)
-    snaps = wait_until(
-        lambda: (s := json.loads(daemon.ctl("snapshots", "j", "--json").stdout)) and len(s) >= 3 and s,
-        20,
-        "three snapshots",
-    )
+    _, snaps = frozen_with_snapshots(daemon, work, 3)
     target = snaps[1]  # newest first: the one before the newest
     daemon.ctl("rollback", "j")
     second = running_attempt(daemon, "j", work, attempt=2)
@@ -51,6 +66,20 @@ def test_snapshots_and_rollback_to_the_one_before_newest(daemon: DaemonProc, tmp
     assert second["start_step"] < read_step(Path(snaps[0]["path"]))
     missing = daemon.ctl("rollback", "j", "no-such-snapshot", check=False)
     assert missing.returncode == 1 and "no snapshot" in missing.stderr
+
+
+def test_rollback_holds_against_the_checkpoint_the_old_attempt_saves_on_sigterm(daemon: DaemonProc, tmp_path: Path) -> None:
+    """Many trainers save on SIGTERM: that checkpoint, newer than the snapshot asked for, must not win."""
+    work = tmp_path / "w"
+    work.mkdir()
+    run_trainer(daemon, "j", work, "--every", "3", "--step-s", "0.1", "--save-on-term")
+    running_attempt(daemon, "j", work)
+    snaps = wait_until(lambda: (s := list_snapshots(daemon)) and len(s) >= 2 and s, 20, "two snapshots")
+    target = snaps[1]
+    daemon.ctl("rollback", "j", target["id"])
+    second = running_attempt(daemon, "j", work, attempt=2)
+    assert second["env"]["GPUGUARD_RESUME_FROM"] == target["path"]
+    assert second["start_step"] == read_step(Path(target["path"]))
 
 
 def test_min_gpus_starts_on_fewer_gpus(daemon: DaemonProc, tmp_path: Path) -> None:

@@ -65,6 +65,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ignore-signal", action="store_true", help="ignore the checkpoint signal and SIGTERM")
     p.add_argument("--crash", action="store_true", help="exit 1 at once")
     p.add_argument("--child-session", action="store_true", help="start a SIGTERM-proof grandchild in a new session")
+    p.add_argument("--save-on-term", action="store_true", help="on SIGTERM, save a checkpoint and exit 143")
     p.add_argument("--truncate-on-signal", action="store_true", help="on the signal, leave a half-written checkpoint")
     return p.parse_args(argv)
 
@@ -101,6 +102,13 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
         signal.signal(sig, on_signal)
+    if args.save_on_term:
+
+        def on_term(_signum: int, _frame: object) -> None:
+            save_atomic(ckpt, step)
+            sys.exit(128 + signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, on_term)
     heartbeat = os.environ.get("GPUGUARD_HEARTBEAT")
     while True:
         if asked:
