@@ -88,6 +88,18 @@ class JobsConfig:
     migrate_on_degraded: bool = True
     snapshots_keep: int = 5
     snapshots_max_bytes: int = 20 * 1024**3
+    # processes gpuguard did not start that are never sent the checkpoint signal,
+    # by process name (or basename of the executable or argv[0]); others get it
+    # only when they handle it (/proc/PID/status SigCgt)
+    foreign_never_signal: tuple[str, ...] = (
+        "nv-hostengine",
+        "dcgm-exporter",
+        "dcgmi",
+        "nvidia-persistenced",
+        "nvidia-smi",
+        "nvidia-fabricmanager",
+        "nv-fabricmanager",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,6 +435,11 @@ def _problems(config: Config) -> Iterator[tuple[str, str]]:
     problem = _signal_problem(jobs.checkpoint_signal)
     if problem:
         yield "jobs.checkpoint_signal", problem
+    for i, name in enumerate(jobs.foreign_never_signal):
+        if not name or "/" in name or "\0" in name:
+            yield f"jobs.foreign_never_signal[{i}]", (
+                f"must be a process name such as \"nv-hostengine\", not a path or empty; got {json.dumps(name)}"
+            )
     seen: dict[str, int] = {}
     for i, job in enumerate(config.job):
         yield from _job_problems(job, f"job[{i}]", seen)

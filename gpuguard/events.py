@@ -44,6 +44,8 @@ class EventKind(enum.StrEnum):
     SNAPSHOT_SAVED = "snapshot_saved"
     SNAPSHOT_REJECTED = "snapshot_rejected"
     NODE_HOOK = "node_hook"
+    # a process gpuguard did not start holds a faulted GPU and was left unsignalled
+    FOREIGN_NOT_SIGNALLED = "foreign_not_signalled"
 
 
 # keys of to_json() that an event's `data` may not replace

@@ -140,6 +140,8 @@ def test_the_message_names_file_key_expected_and_given(tmp_path: Path) -> None:
         ("[daemon]\nevent_retention_days = 2024-01-01\n", "daemon.event_retention_days", "expected a number, got date/time 2024-01-01"),
         ("[reset]\ncommand = \"nvidia-smi -r\"\n", "reset.command", 'expected an argv list of strings, never a shell string; got string "nvidia-smi -r"'),
         ('[reset]\ncommand = ["nvidia-smi", 1]\n', "reset.command[1]", "expected a string, got integer 1"),
+        ('[jobs]\nforeign_never_signal = "nv-hostengine"\n', "jobs.foreign_never_signal", 'expected an array of strings, got string "nv-hostengine"'),
+        ("[jobs]\nforeign_never_signal = [1]\n", "jobs.foreign_never_signal[0]", "expected a string, got integer 1"),
         ("[monitor]\npoll_interval_s = {}\n", "monitor.poll_interval_s", "expected a number, got table"),
         ("monitor = 1\n", "monitor", "expected a table, got integer 1"),
         ('[job]\nname = "a"\n', "job", "expected an array of tables ([[job]]), got table"),
@@ -200,6 +202,8 @@ def test_yolo_job_takes_training_arguments(tmp_path: Path) -> None:
         ('[jobs]\ncheckpoint_signal = "USR1"\n', "jobs.checkpoint_signal", 'in its SIG form, such as "SIGUSR1"; got "USR1"; did you mean "SIGUSR1"?'),
         ('[jobs]\ncheckpoint_signal = "SIGNOPE"\n', "jobs.checkpoint_signal", 'got "SIGNOPE"'),
         ('[jobs]\ncheckpoint_signal = "SIGKILL"\n', "jobs.checkpoint_signal", "SIGKILL cannot be caught"),
+        ('[jobs]\nforeign_never_signal = ["dcgmi", "/usr/bin/nv-hostengine"]\n', "jobs.foreign_never_signal[1]", 'not a path or empty; got "/usr/bin/nv-hostengine"'),
+        ('[jobs]\nforeign_never_signal = [""]\n', "jobs.foreign_never_signal[0]", "must be a process name"),
         ("[reset]\ncommand = []\n", "reset.command", "must name a program: a non-empty argv list"),
         ('[reset]\ncommand = ["", "{uuid}"]\n', "reset.command", "must name a program"),
         ('[reset]\ncommand = ["reset", "{gpu}"]\n', "reset.command[1]", 'unknown placeholder {gpu} in "{gpu}"; allowed: {uuid}, {index}, {pci_bus_id}'),
@@ -212,6 +216,12 @@ def test_yolo_job_takes_training_arguments(tmp_path: Path) -> None:
 def test_value_checks(tmp_path: Path, text: str, key: str, fragment: str) -> None:
     exc = error(tmp_path, text)
     assert exc.key == key and fragment in exc.problem, exc.problem
+
+
+def test_foreign_never_signal_defaults_to_nvidia_daemons_and_may_be_emptied(tmp_path: Path) -> None:
+    assert {"nv-hostengine", "dcgm-exporter", "nvidia-persistenced"} <= set(Config().jobs.foreign_never_signal)
+    assert load(write(tmp_path, "[jobs]\nforeign_never_signal = []\n")).jobs.foreign_never_signal == ()
+    assert load(write(tmp_path, '[jobs]\nforeign_never_signal = ["my-agent"]\n')).jobs.foreign_never_signal == ("my-agent",)
 
 
 def test_reset_placeholders_and_literal_braces_pass(tmp_path: Path) -> None:

@@ -201,7 +201,10 @@ class Reset(Command):
 
 class Inject(Command):
     name = "inject"
-    help = "simulated GPUs only: inject a fault (xid CODE, ecc-dbe, ecc-sbe COUNT, hang, lost, remap-pending, thermal CELSIUS)"
+    help = (
+        "simulated GPUs only: inject a fault (xid CODE, ecc-dbe, ecc-sbe COUNT, hang, lost, remap-pending, thermal CELSIUS)"
+        " or list a process on the GPU (attach PID, detach PID)"
+    )
     mutating = True
     args = (Arg("gpu", str, required=True), Arg("fault", str, required=True), Arg("value", str))
 

@@ -7,6 +7,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
+
 from gpuguard.control.commands import CommandError, PeerCred
 from gpuguard.daemon.service import Daemon
 from gpuguard.health.types import GpuState
@@ -103,6 +105,8 @@ class DaemonController:
         if not isinstance(backend, SimulatedBackend):
             raise CommandError("inject works only on simulated GPUs (gpuguardd --simulate N)", code="refused")
         info = self._gpu(gpu)
+        if fault.strip().lower() == "attach" and peer.uid != 0:
+            _own_process(value, peer)  # the daemon may signal what is attached: only the caller's own
         try:
             description = backend.inject(info.index, fault, value)
         except ValueError as exc:
@@ -123,6 +127,17 @@ class DaemonController:
     def rollback(self, name: str, snapshot: str | None, peer: PeerCred) -> dict[str, Any]:
         with _job_errors():
             return self._supervisor().rollback(name, snapshot, by=_who(peer))
+
+
+def _own_process(value: str | None, peer: PeerCred) -> None:
+    """Refuse `inject GPU attach PID` for a process the (non-root) caller does not own."""
+    try:
+        pid = int((value or "").strip())
+        owner = psutil.Process(pid).uids().real
+    except (ValueError, psutil.Error):
+        return  # a bad or vanished pid: the backend's own check gives the clear message
+    if owner != peer.uid:
+        raise CommandError(f"attach: pid {pid} belongs to uid {owner}, not to you (uid {peer.uid})", code="refused")
 
 
 @contextlib.contextmanager

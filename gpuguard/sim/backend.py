@@ -20,7 +20,7 @@ import psutil
 
 from gpuguard.nvml.deadline import DeadlineExceeded, DeadlineRunner
 from gpuguard.nvml.types import DriverInfo, FindingKind, GpuInfo, GpuSnapshot, NvmlEvent, NvmlFinding
-from gpuguard.sim.faults import XID_DBE, XID_WITHOUT_NVML_EVENT, parse_fault, xid_text
+from gpuguard.sim.faults import PROCESS_CONTROLS, XID_DBE, XID_WITHOUT_NVML_EVENT, parse_fault, xid_text
 from gpuguard.sim.gpu import GpuIsLost, SimGpu
 from gpuguard.sim.identity import sim_info
 from gpuguard.sim.kmsg import PRIO_ERR, PRIO_INFO, KernelLogWriter, mapping_record, xid_record
@@ -91,6 +91,15 @@ class SimulatedBackend:
         """
         gpu = self._gpu(index)
         parsed = parse_fault(fault, value)
+        if parsed.name in PROCESS_CONTROLS:
+            pid = int(parsed.amount or 0)
+            if parsed.name == "detach":
+                gpu.processes.detach(pid)
+                return f"GPU {index}: pid {pid} no longer listed"
+            if not psutil.pid_exists(pid):
+                raise ValueError(f"attach: no process {pid}")
+            gpu.processes.attach(pid)
+            return f"GPU {index}: pid {pid} listed as a process on this GPU while it runs"
         xid = int(parsed.amount or 0) if parsed.name == "xid" else XID_DBE if parsed.name == "ecc-dbe" else None
         if xid is not None:  # the log line first: the driver prints it as the fault happens
             self._log_xid(gpu, xid)

@@ -40,10 +40,14 @@ XID_FALLEN_OFF_BUS = 79
 XID_DBE = 48
 THERMAL_SLOWDOWN_C = 90
 NVML_HANG_DEFAULT_S = 30.0
+PID_MAX = 4_194_304  # the largest pid Linux hands out (kernel.pid_max's ceiling)
+# not faults: they make NVML list (or stop listing) a process on the GPU, as if
+# it had opened a CUDA context there, such as a process gpuguard did not start
+PROCESS_CONTROLS = ("attach", "detach")
 
 USAGE = (
     "xid CODE, ecc-dbe, ecc-sbe COUNT, hang, lost, remap-pending, thermal CELSIUS, "
-    "nvml-hang [SECONDS] (default 30), clear"
+    "nvml-hang [SECONDS] (default 30), clear, attach PID, detach PID"
 )
 
 
@@ -73,6 +77,8 @@ def parse_fault(name: str, value: str | None) -> Fault:
         return Fault(name, _integer(name, "COUNT", value, 1, 1_000_000))
     if name == "thermal":
         return Fault(name, _integer(name, "CELSIUS", value, 0, 150))
+    if name in PROCESS_CONTROLS:
+        return Fault(name, _integer(name, "PID", value, 1, PID_MAX))
     if name == "nvml-hang":
         if not value:
             return Fault(name, NVML_HANG_DEFAULT_S)

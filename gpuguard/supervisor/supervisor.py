@@ -27,10 +27,10 @@ import structlog
 
 from gpuguard import sdnotify
 from gpuguard.config import JobSpec
-from gpuguard.events import Event
+from gpuguard.events import Event, EventKind
 from gpuguard.health import xid as xid_catalog
 from gpuguard.health.types import Action, GpuState, Severity
-from gpuguard.supervisor import exitcode
+from gpuguard.supervisor import exitcode, foreign
 from gpuguard.supervisor.policy import Decision, GpuView, Reaction, app_xid_key, backoff_s, decide
 from gpuguard.supervisor.process import JobProcess, StopResult, UserSpec, adopt, become_subreaper, spawn
 from gpuguard.supervisor.snapshots import JOB_NAME, SnapshotRing
@@ -181,7 +181,7 @@ class Supervisor:
         self.lock = threading.RLock()
         self.hangs: dict[str, int] = {}  # GPU uuid -> hangs seen on it
         self.probation: dict[str, float] = {}  # GPU uuid -> when it may return to the pool
-        self.foreign_signalled: set[tuple[str, int]] = set()
+        self.foreign_judged: set[tuple[str, int]] = set()  # (GPU uuid, pid): each foreign holder once
         self.subreaper = False
 
     # --- start-up ------------------------------------------------------
@@ -842,32 +842,43 @@ class Supervisor:
         self.probation[uuid] = time.time() + self.config.reset.probation_s
 
     def _signal_foreign_holders(self) -> None:
-        """Processes gpuguard did not start on a faulted GPU get the checkpoint signal, once."""
+        """Processes gpuguard did not start on a faulted GPU get the checkpoint signal,
+        once, and only when they handle it and are not on [jobs] foreign_never_signal
+        (the signal's default action would kill them); either way an event names them."""
         monitor = self.daemon.monitor
         if monitor is None:
             return
         ours = {p for j in self.jobs.values() if j.proc is not None for p in j.proc._known} | {
             j.pid for j in self.jobs.values() if j.pid
         }
-        sig = signal.Signals[self.config.jobs.checkpoint_signal]
+        jobs_config = self.daemon.config.jobs  # the live config: SIGHUP applies these keys
+        sig = signal.Signals[jobs_config.checkpoint_signal]
+        never = frozenset(jobs_config.foreign_never_signal)
         for uuid, track in monitor.tracks.items():
             if track.verdict is None or track.verdict.state != GpuState.FAULTED or track.snapshot is None:
                 continue
             for p in track.snapshot.processes:
-                if p.pid in ours or p.pid == os.getpid() or (uuid, p.pid) in self.foreign_signalled:
+                if p.pid in ours or p.pid == os.getpid() or (uuid, p.pid) in self.foreign_judged:
                     continue
                 if not psutil.pid_exists(p.pid):  # gone since the poll listed it
                     continue
-                self.foreign_signalled.add((uuid, p.pid))
-                try:
-                    os.kill(p.pid, sig)
-                    what = f"sent {sig.name}"
-                except OSError as exc:
-                    what = f"could not signal it: {exc.strerror}"
-                self.daemon.record(
-                    Event(kind="checkpoint_requested", severity=Severity.WARNING, gpu=uuid,
-                          message=f"pid {p.pid} (not a gpuguard job) holds faulted GPU {track.info.index}: {what}; it is not restarted")
-                )
+                self.foreign_judged.add((uuid, p.pid))
+                verdict, create_time = foreign.judge(p.pid, sig, never)
+                why_not = verdict.reason
+                if verdict.send and create_time is not None:
+                    why_not = foreign.send(p.pid, create_time, sig) or ""
+                who = f"pid {p.pid} ({verdict.name}, not a gpuguard job) holds faulted GPU {track.info.index}"
+                data = {"pid": p.pid, "process": verdict.name, "signal": sig.name, "signalled": not why_not}
+                if why_not:
+                    self.daemon.record(
+                        Event(kind=EventKind.FOREIGN_NOT_SIGNALLED, severity=Severity.WARNING, gpu=uuid, data=data,
+                              message=f"{who}: not signalled: {why_not}; it is not restarted")
+                    )
+                else:
+                    self.daemon.record(
+                        Event(kind=EventKind.CHECKPOINT_REQUESTED, severity=Severity.WARNING, gpu=uuid, data=data,
+                              message=f"{who}: sent {sig.name}, which it handles; it is not restarted")
+                    )
 
     def _attach(self, job: Job) -> None:
         attach = getattr(self.daemon.backend, "attach", None)

@@ -17,6 +17,8 @@ from gpuguard.sim.faults import NVML_HANG_DEFAULT_S, Fault, parse_fault
         ("nvml-hang", None, Fault("nvml-hang", NVML_HANG_DEFAULT_S)),
         ("nvml-hang", "0.5", Fault("nvml-hang", 0.5)),
         ("clear", "", Fault("clear")),
+        ("attach", "1234", Fault("attach", 1234)),
+        ("detach", "1", Fault("detach", 1)),
     ],
 )
 def test_valid_faults_parse(name: str, value: str | None, expected: Fault) -> None:
@@ -37,6 +39,8 @@ def test_valid_faults_parse(name: str, value: str | None, expected: Fault) -> No
         ("nvml-hang", "-1", "nvml-hang needs SECONDS between 0 and 3600 (got '-1')"),
         ("nvml-hang", "nan", "nvml-hang needs SECONDS between 0 and 3600"),
         ("lost", "now", "fault 'lost' takes no value (got 'now')"),
+        ("attach", None, "attach needs PID"),
+        ("attach", "0", "attach PID must be from 1 to 4194304 (got 0)"),
     ],
 )
 def test_bad_faults_are_refused_with_a_clear_message(name: str, value: str | None, message: str) -> None:

@@ -37,6 +37,23 @@ def settled(backend: SimulatedBackend, index: int, ok, polls: int = 8) -> GpuSna
     return snap
 
 
+def test_inject_attach_lists_a_process_and_detach_removes_it(backend: SimulatedBackend, busy) -> None:
+    assert f"pid {busy.pid} listed" in backend.inject(1, "attach", str(busy.pid))
+    assert [p.pid for p in backend.poll()[1].processes] == [busy.pid]
+    assert backend.poll()[0].processes == ()
+    backend.inject(1, "detach", str(busy.pid))
+    assert backend.poll()[1].processes == ()
+    with pytest.raises(ValueError, match="attach: no process"):
+        backend.inject(1, "attach", str(_unused_pid()))
+
+
+def _unused_pid() -> int:
+    pid = 4_194_000
+    while psutil.pid_exists(pid):
+        pid += 1
+    return pid
+
+
 def test_attached_process_shows_and_drives_utilisation(backend: SimulatedBackend, busy) -> None:
     backend.attach(backend.inventory()[0].uuid, busy.pid)
     snap = settled(backend, 0, lambda s: (s.gpu_util_pct or 0) > 20)

@@ -1,0 +1,121 @@
+"""Processes gpuguard did not start, on a faulted GPU, through a real gpuguardd
+--simulate: only one that handles the checkpoint signal gets it; one without a
+handler (SIGUSR1 would kill it) and one named in [jobs] foreign_never_signal
+are left alone; every one gets an event naming it. The test signals nothing
+itself and kills only the processes it started."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from daemon.conftest import DaemonProc, wait_until
+
+AGENT = "gg-test-agent"  # the argv[0] of a process put on the never-signal list by a config reload
+
+
+def handler_code(flag: Path) -> str:
+    """A process that handles SIGUSR1 by writing `flag`, then says it is ready."""
+    return (
+        "import pathlib, signal, time\n"
+        f"signal.signal(signal.SIGUSR1, lambda *a: pathlib.Path({str(flag)!r}).write_text('got SIGUSR1'))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+
+
+PLAIN = "import time\nprint('ready', flush=True)\ntime.sleep(120)\n"  # SIGUSR1 keeps its default action: death
+
+
+def start(procs: list[subprocess.Popen[str]], code: str, argv0: str | None = None) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [argv0 or sys.executable, "-c", code], executable=sys.executable, stdout=subprocess.PIPE, text=True
+    )
+    procs.append(proc)
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"  # its handler, if any, is in place
+    return proc
+
+
+def events(d: DaemonProc) -> list[dict[str, Any]]:
+    return json.loads(d.ctl("events", "--json", "--limit", "1000").stdout)
+
+
+def about(d: DaemonProc, pid: int) -> dict[str, Any] | None:
+    """The one event on a foreign holder with this pid, once it is there."""
+    found = [e for e in events(d) if e.get("pid") == pid and e["kind"] in ("checkpoint_requested", "foreign_not_signalled")]
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
+def test_only_a_foreign_holder_that_handles_the_signal_gets_it(tmp_path: Path) -> None:
+    d = DaemonProc(tmp_path, gpus=2, extra_config='[jobs]\nforeign_never_signal = ["nv-hostengine"]\n')
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        d.start()
+        # the list is live: a reload (SIGHUP) adds the agent's name before the fault
+        d.config.write_text(d.config.read_text().replace('["nv-hostengine"]', f'["nv-hostengine", "{AGENT}"]'))
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "config_reloaded" in d.log.read_text(), 5, "the config reload")
+
+        got, agent_got = tmp_path / "handler-got", tmp_path / "agent-got"
+        handler = start(procs, handler_code(got))
+        plain = start(procs, PLAIN)
+        agent = start(procs, handler_code(agent_got), argv0=f"/opt/monitoring/{AGENT}")
+        pids = [handler.pid, plain.pid, agent.pid]
+        for pid in pids:
+            d.ctl("inject", "0", "attach", str(pid))
+        d.wait_for(
+            lambda s: sorted(p["pid"] for p in s["gpus"][0]["processes"]) == sorted(pids),
+            what="the three processes listed on GPU 0",
+        )
+
+        d.ctl("inject", "0", "xid", "95")
+        d.wait_for(lambda s: s["gpus"][0]["state"] in ("faulted", "excluded"), what="GPU 0 faulted")
+        signalled = wait_until(lambda: about(d, handler.pid), 10, "the event on the process with a handler")
+        left = wait_until(lambda: about(d, plain.pid), 10, "the event on the process without a handler")
+        listed = wait_until(lambda: about(d, agent.pid), 10, "the event on the listed process")
+
+        # the one with a handler got the signal, handled it, and runs on
+        wait_until(got.exists, 5, "the handler's file")
+        assert got.read_text() == "got SIGUSR1" and handler.poll() is None
+        name = psutil.Process(handler.pid).name()
+        assert signalled["kind"] == "checkpoint_requested" and signalled["signalled"] is True
+        assert signalled["process"] == name and signalled["gpu"] == d.gpu(0)["uuid"]
+        assert signalled["message"] == (
+            f"pid {handler.pid} ({name}, not a gpuguard job) holds faulted GPU 0: "
+            "sent SIGUSR1, which it handles; it is not restarted"
+        )
+
+        # the one without a handler was not signalled: SIGUSR1 would have killed it
+        assert plain.poll() is None
+        name = psutil.Process(plain.pid).name()
+        assert left["kind"] == "foreign_not_signalled" and left["signalled"] is False and left["process"] == name
+        assert left["message"] == (
+            f"pid {plain.pid} ({name}, not a gpuguard job) holds faulted GPU 0: not signalled: "
+            "it does not handle SIGUSR1, which would kill it; it is not restarted"
+        )
+
+        # the listed one has a handler but is on foreign_never_signal: left alone
+        assert agent.poll() is None and not agent_got.exists()
+        assert listed["kind"] == "foreign_not_signalled" and listed["signalled"] is False
+        assert f"pid {agent.pid} ({psutil.Process(agent.pid).name()}, not a gpuguard job)" in listed["message"]
+        assert f"not signalled: {AGENT} is on [jobs] foreign_never_signal; it is not restarted" in listed["message"]
+
+        # once each: later ticks on the still-faulted GPU add nothing (about() asserts one at most)
+        seen = d.status()["daemon"]["last_poll_at"]
+        d.wait_for(lambda s: s["daemon"]["last_poll_at"] > seen + 0.5, what="a few more polls")
+        assert all(about(d, pid) for pid in pids)
+        assert handler.poll() is None and plain.poll() is None and agent.poll() is None
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        if d.proc is not None:
+            d.stop()
