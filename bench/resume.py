@@ -21,8 +21,10 @@ epoch 2, after batch FAULT_BATCH, under four set-ups:
 Every trainer logs each batch (bench/batchlog.py, the same callback in both)
 and waits at the fault batch until the fault is in place, so the fault lands
 at the same point in every run. Measured per run: the phases from the fault
-to the first training batch after the resume, and the lost work: batches of
-the faulted process that the resumed process trains again.
+to the first training batch after the resume, and the lost work: batches
+trained twice, counted once the resumed process has finished the faulted
+epoch (per epoch from the resumed one through the faulted one, what both
+processes trained beyond one epoch's batches).
 
 Usage: python bench/resume.py [--runs 5] [--hung-wait-s 60] [--write-docs]
 """
@@ -104,9 +106,22 @@ def first_resumed(log: Path, faulted: int) -> tuple[float, int] | None:
     return next(((t, e) for t, pid, e, _ in read_batches(log) if pid != faulted), None)
 
 
-def lost_batches(log: Path, faulted: int, resumed_epoch: int) -> int:
-    """Batches the faulted process trained that the resumed one trains again (it restarts at resumed_epoch)."""
-    return sum(1 for _, pid, e, _ in read_batches(log) if pid == faulted and e >= resumed_epoch)
+def lost_batches(log: Path, faulted: int, resumed_epoch: int) -> int | None:
+    """Batches trained twice: for each epoch from the one resumed through the one faulted, the
+    batches both processes trained there beyond one epoch's worth. None until the resumed
+    process has finished the faulted epoch (a trainer that replays the rest of an epoch trains
+    fewer batches in it, so only the whole epoch tells)."""
+    rows = read_batches(log)
+    if not any(pid != faulted and e > FAULT_EPOCH for _, pid, e, _ in rows):
+        return None
+    per_epoch = max(b for _, pid, e, b in rows if pid == faulted and e == 1)  # epoch 1 ran whole
+    return sum(
+        sum(1 for _, _, e, _ in rows if e == epoch) - per_epoch for epoch in range(resumed_epoch, FAULT_EPOCH + 1)
+    )
+
+
+def wait_lost(log: Path, faulted: int, resumed_epoch: int) -> int:
+    return wait(lambda: (n := lost_batches(log, faulted, resumed_epoch)) is not None and [n], "the faulted epoch's end", 120)[0]
 
 
 def bench_env(run: Path) -> dict[str, str]:
@@ -177,7 +192,7 @@ class Gpuguard:
                 "gpuguard's own share": (detected - t_fault) + (restarted - stopped)
                 + (max(0.0, stopped - detected - GRACE_S) if hung else 0.0),
             },
-            lost=lost_batches(log, pid, epoch),
+            lost=wait_lost(log, pid, epoch),
             recovered=True,
         )
 
@@ -234,7 +249,7 @@ class Baseline:
                 "trainer start-up": t_first - started,
                 "total": t_first - t_fault,
             },
-            lost=lost_batches(log, pid, epoch),
+            lost=wait_lost(log, pid, epoch),
             recovered=True,
         )
 

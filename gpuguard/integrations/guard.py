@@ -10,13 +10,14 @@ What they add to a stock `yolo train`:
 - atomic `last.pt`/`best.pt` writes (Ultralytics writes them in place);
 - the checkpoint's path, told to gpuguard through GPUGUARD_CHECKPOINT_FILE.
 
-A mid-epoch checkpoint is saved as "epochs completed = the one before": the
-resumed run redoes the interrupted epoch in full (the partly trained weights
-are kept, the rest of the epoch is not skipped), and best.pt is never
-overwritten with half-trained weights. Skipping ahead to the interrupted
-batch is not done: the shuffle order of a resumed dataloader differs, so
-"the rest of the epoch" could not be reproduced and some images would be
-silently dropped.
+A mid-epoch checkpoint is saved as "epochs completed = the one before", plus
+where in the interrupted epoch it stopped (replay.py): the resumed run trains
+the rest of that epoch in the same order and nothing twice, so at most the
+batch in flight when the request came is lost. Gradients accumulated since the
+last optimizer step are applied first, in one smaller step, so no trained batch
+is dropped. best.pt is never overwritten with half-trained weights. Where the
+order cannot be replayed (DDP, a loader rebuilt after an out-of-memory retry),
+the resume redoes the interrupted epoch in full, and says so.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from gpuguard.integrations.atomic import replacing, temp_path, write_bytes_atomic
+from gpuguard.integrations.replay import RESUME_KEY, Position, ReplaySampler, install
 
 EX_TEMPFAIL = 75  # "I saved a checkpoint, restart me" (CONTRACT.md)
 
@@ -138,12 +140,16 @@ class TrainerGuard:
         checkpoint_signal: signal.Signals = signal.SIGUSR1,
         heartbeat: Heartbeat | None = None,
         checkpoint_file: Path | None = None,
+        resume_position: Position | None = None,
     ) -> None:
         self.checkpoint_signal = checkpoint_signal
         self.heartbeat = heartbeat
         self.checkpoint_file = checkpoint_file
+        self.resume_position = resume_position  # from the checkpoint this process resumes
         self.requested = False
         self._batch = 0
+        self._replay: ReplaySampler | None = None
+        self._loader: Any = None  # the loader the replay sampler sits in
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> TrainerGuard:
@@ -165,8 +171,10 @@ class TrainerGuard:
         _make_strip_atomic()
         for event in (
             "on_pretrain_routine_start",
+            "on_pretrain_routine_end",
             "on_train_start",
             "on_train_epoch_start",
+            "on_train_batch_start",
             "on_train_batch_end",
             "on_val_batch_end",
             "on_model_save",
@@ -195,14 +203,46 @@ class TrainerGuard:
         log.info("checkpoint: %s", last)
         self._beat()
 
+    def on_pretrain_routine_end(self, trainer: Any) -> None:
+        """The loaders exist: make the training order replayable."""
+        if is_main_rank():
+            self._replay = install(trainer)
+            self._loader = trainer.train_loader
+
     def on_train_start(self, trainer: Any) -> None:
-        """After a resume, forget results rows of epochs that will be trained again."""
+        """After a resume: forget results rows of epochs trained again; skip what the epoch already trained."""
         if trainer.resume:
             dropped = trim_results(trainer.csv, trainer.start_epoch)
             if dropped:
                 log.info("dropped %d results.csv row(s) past epoch %d: that work is redone", dropped, trainer.start_epoch)
         log.info("training epochs %d..%d of %d", trainer.start_epoch + 1, trainer.epochs, trainer.epochs)
+        if self.resume_position is not None:
+            self._skip_trained(trainer, self.resume_position)  # after _do_train sized the epoch: it stays whole
         self._beat()
+
+    def _skip_trained(self, trainer: Any, pos: Position) -> None:
+        replay = self._replay
+        same = replay is not None and (replay.samples, replay.batch_size, replay.batches(), replay.seed) == (
+            pos.samples, pos.batch_size, pos.batches, pos.seed,
+        )
+        if replay is None or not same:
+            log.warning(
+                "epoch %d was checkpointed at batch %d/%d, but this run's data order differs "
+                "(%s): the whole epoch is trained again",
+                trainer.start_epoch + 1, pos.done, pos.batches,
+                "no replay" if replay is None else f"{replay.samples} samples, batch {replay.batch_size}, seed {replay.seed}",
+            )
+            return
+        replay.resume_at(pos)
+        log.info(
+            "epoch %d resumes at batch %d/%d in the interrupted run's order: batches 1-%d were trained before "
+            "the checkpoint and are not repeated",
+            trainer.start_epoch + 1, pos.done + 1, pos.batches, pos.done,
+        )
+
+    def on_train_batch_start(self, trainer: Any) -> None:
+        if self._replay is not None and trainer.train_loader is self._loader:
+            self._replay.consumed()
 
     def on_train_epoch_start(self, trainer: Any) -> None:
         self._batch = 0
@@ -230,19 +270,36 @@ class TrainerGuard:
         self._beat()
 
     def _checkpoint_mid_epoch(self, trainer: Any) -> None:
-        """Save as if the previous epoch had just ended, keep best.pt, exit 75."""
-        epoch, best, period = trainer.epoch, trainer.best, trainer.save_period
+        """Save as if the previous epoch had just ended, plus where this one stopped; keep best.pt; exit 75."""
+        pos = self._replay.position() if self._replay is not None and trainer.train_loader is self._loader else None
+        if pos is not None:
+            _apply_pending_gradients(trainer)
+        epoch, best, period, metrics = trainer.epoch, trainer.best, trainer.save_period, trainer.metrics
         trainer.epoch, trainer.best, trainer.save_period = epoch - 1, _DiscardPath(best), 0
+        if pos is not None:
+            trainer.metrics = {**metrics, RESUME_KEY: pos.to_json()}  # save_model keeps it as train_metrics
         try:
             trainer.save_model()
         finally:
-            trainer.epoch, trainer.best, trainer.save_period = epoch, best, period
+            trainer.epoch, trainer.best, trainer.save_period, trainer.metrics = epoch, best, period, metrics
         sys.stderr.write("\n")  # end the progress bar's line
-        log.info(
-            "checkpoint at epoch %d/%d batch %d/%d: resume will redo epoch %d (%s)",
-            epoch + 1, trainer.epochs, self._batch, len(trainer.train_loader), epoch + 1, trainer.last,
-        )
+        if pos is not None:
+            log.info(
+                "checkpoint at epoch %d/%d batch %d/%d: resume will train the epoch's other %d batches (%s)",
+                epoch + 1, trainer.epochs, pos.done, pos.batches, pos.batches - pos.done, trainer.last,
+            )
+        else:
+            log.info(
+                "checkpoint at epoch %d/%d batch %d/%d: resume will redo epoch %d (%s)",
+                epoch + 1, trainer.epochs, self._batch, len(trainer.train_loader), epoch + 1, trainer.last,
+            )
         exit_now(EX_TEMPFAIL)
+
+
+def _apply_pending_gradients(trainer: Any) -> None:
+    """Gradients of batches since the last optimizer step are not in a checkpoint: step on them now."""
+    if any(p.grad is not None for p in trainer.model.parameters()):
+        trainer.optimizer_step()
 
 
 def _make_strip_atomic() -> None:

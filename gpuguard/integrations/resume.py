@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpuguard.integrations.replay import RESUME_KEY, Position
+
 
 @dataclass(frozen=True, slots=True)
 class ResumePoint:
@@ -22,6 +24,7 @@ class ResumePoint:
     finished: bool  # nothing left to train: exit 0 instead of resuming
     save_dir: Path | None  # where the original run writes (results.csv, weights/); None once finished
     train_args: dict[str, Any]
+    position: Position | None = None  # where in the next epoch a mid-epoch checkpoint stopped
 
 
 def read_resume_point(path: Path) -> ResumePoint:
@@ -47,4 +50,5 @@ def read_resume_point(path: Path) -> ResumePoint:
         finished=finished,
         save_dir=Path(save_dir).resolve() if save_dir else None,
         train_args=train_args,
+        position=None if finished else Position.from_json((ckpt.get("train_metrics") or {}).get(RESUME_KEY)),
     )

@@ -177,6 +177,7 @@ def train(tokens: Sequence[str]) -> int:
         )
         model = YOLO(str(point.path))
         kwargs = resume_kwargs(point, overrides, device)
+        guard.resume_position = point.position
     else:
         check_local(overrides)
         model = YOLO(str(overrides.get("model") or "yolo26n.pt"), task=overrides.get("task"))

@@ -5,6 +5,7 @@ Signals, exits and kills are real; only the dataset and model are small.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -30,8 +31,9 @@ EX_TEMPFAIL = 75
 #   half-way and says so in that file; the test then SIGKILLs the process mid-write.
 # SIGNAL_AT_EPOCH: the process sends itself SIGUSR1 when that (0-based) epoch starts, so the
 #   checkpoint lands after its first batch however fast the machine is.
+# TRAINED_LOG: every training batch appends [epoch, image names] to that file, as the trainer sees it.
 SHIM = """
-import os, signal, sys, time
+import json, os, signal, sys, time
 from pathlib import Path
 if "SLOW_WRITE_MARKER" in os.environ:
     marker = Path(os.environ["SLOW_WRITE_MARKER"])
@@ -55,6 +57,14 @@ if "SIGNAL_AT_EPOCH" in os.environ:
         if trainer.epoch == int(os.environ["SIGNAL_AT_EPOCH"]):
             os.kill(os.getpid(), signal.SIGUSR1)
     TrainerGuard.on_train_epoch_start = on_train_epoch_start
+if "TRAINED_LOG" in os.environ:
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    preprocess = DetectionTrainer.preprocess_batch
+    def preprocess_batch(self, batch):
+        with open(os.environ["TRAINED_LOG"], "a") as f:
+            f.write(json.dumps([self.epoch, [Path(p).name for p in batch["im_file"]]]) + "\\n")
+        return preprocess(self, batch)
+    DetectionTrainer.preprocess_batch = preprocess_batch
 from gpuguard.integrations.ultralytics import main
 sys.exit(main())
 """
@@ -166,12 +176,13 @@ def signalled(tmp_path_factory: pytest.TempPathFactory, data_yaml: Path, base_en
         checkpoints.append(snapshot)
         return snapshot
 
-    proc = job.start(1)
+    trained = {"TRAINED_LOG": str(job.root / "trained.jsonl")}
+    proc = job.start(1, script=shim, **trained)
     wait_for(job.heartbeat.exists, proc)
     proc.send_signal(signal.SIGUSR1)
     snapshot = ended(1, proc)
-    snapshot = ended(2, job.start(2, resume_from=snapshot, script=shim, SIGNAL_AT_EPOCH="1"))
-    outcomes.append(job.run(3, resume_from=snapshot))
+    snapshot = ended(2, job.start(2, resume_from=snapshot, script=shim, SIGNAL_AT_EPOCH="1", **trained))
+    outcomes.append(job.finish(job.start(3, resume_from=snapshot, script=shim, **trained)))
     mtimes.append(job.heartbeat.stat().st_mtime)
     return SignalledRun(job, outcomes, mtimes, checkpoints, best_at_exit)
 
@@ -182,12 +193,14 @@ def test_checkpoint_signal_exits_75_and_resume_trains_exactly_the_requested_epoc
 
     (rc1, log1), (rc2, log2), (rc3, log3) = signalled.outcomes
     assert rc1 == EX_TEMPFAIL, log1
-    assert "checkpoint at epoch 1/2 batch 1/4: resume will redo epoch 1" in log1
+    assert "checkpoint at epoch 1/2 batch 1/4: resume will train the epoch's other 3 batches" in log1
     assert rc2 == EX_TEMPFAIL, log2
     assert "0/2 epochs done, attempt 2" in log2
-    assert "checkpoint at epoch 2/2 batch 1/4: resume will redo epoch 2" in log2
+    assert "epoch 1 resumes at batch 2/4 in the interrupted run's order" in log2
+    assert "checkpoint at epoch 2/2 batch 1/4: resume will train the epoch's other 3 batches" in log2
     assert rc3 == 0, log3
     assert "1/2 epochs done, attempt 3" in log3
+    assert "epoch 2 resumes at batch 2/4 in the interrupted run's order" in log3
     assert "Final" not in log1 + log2  # neither interrupted attempt reached final_eval
     for checkpoint in signalled.midway_checkpoints:
         assert zip_ok(checkpoint)
@@ -202,12 +215,25 @@ def test_checkpoint_signal_exits_75_and_resume_trains_exactly_the_requested_epoc
         assert YOLO(str(job.save_dir / "weights" / weights)).task == "detect"
 
 
+def test_every_epoch_trains_every_image_exactly_once_across_the_interruptions(signalled: SignalledRun) -> None:
+    """What the trainer itself was fed: the resumed attempts train the rest of each epoch, nothing twice."""
+    lines = (signalled.job.root / "trained.jsonl").read_text().splitlines()
+    per_epoch: dict[int, list[str]] = {}
+    for epoch, names in map(json.loads, lines):
+        per_epoch.setdefault(epoch, []).extend(names)
+    images = sorted(p.name for p in (signalled.job.data_yaml.parent / "images" / "train").iterdir())
+    assert len(images) == 32 and len(lines) == 8  # 2 epochs of 4 batches, not one more
+    assert {epoch: sorted(names) for epoch, names in per_epoch.items()} == {0: images, 1: images}
+
+
 def test_mid_epoch_checkpoint_leaves_best_pt_alone(signalled: SignalledRun) -> None:
     import torch
 
     first, second = (torch.load(p, map_location="cpu", weights_only=False) for p in signalled.midway_checkpoints)
-    assert first["epoch"] == -1  # no epoch completed: epoch 1 is redone, nothing skipped
-    assert second["epoch"] == 0  # saved during epoch 2 as "epoch 1 done": epoch 2 is redone
+    assert first["epoch"] == -1  # no epoch completed: epoch 1 goes on from where it stopped
+    assert second["epoch"] == 0  # saved during epoch 2 as "epoch 1 done", plus the position in epoch 2
+    for ckpt in (first, second):
+        assert ckpt["train_metrics"]["gpuguard_resume"]["done"] == 1
     assert signalled.best_at_exit[0] is None  # nothing is "best" before an epoch was validated
     # epoch 1's save wrote the same bytes to last.pt and best.pt; the mid-epoch save rewrote last.pt only
     assert signalled.best_at_exit[1] is not None
