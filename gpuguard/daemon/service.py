@@ -60,7 +60,8 @@ class _Reload:
 
 
 # Keys read once at start-up: changing them needs a restart, because they
-# name the sockets, files and backend the daemon already holds open.
+# name the sockets, files and backend the daemon already holds open, or, for
+# the checkpoint signal, what running jobs were told in their environment.
 RESTART_KEYS = (
     "daemon.socket",
     "daemon.state_dir",
@@ -70,6 +71,9 @@ RESTART_KEYS = (
     "monitor.kernel_log",
     "monitor.nvml_timeout_s",
     "monitor.nvml_events",
+    "jobs.checkpoint_signal",
+    "jobs.snapshots_keep",
+    "jobs.snapshots_max_bytes",
     "metrics.enabled",
     "metrics.address",
     "metrics.port",
@@ -314,8 +318,16 @@ class Daemon:
             nvml_timeout_s=old.monitor.nvml_timeout_s,
             nvml_events=old.monitor.nvml_events,
         )
+        if new.job != old.job:
+            ignored.append("[[job]]")  # config jobs are started once, at start-up
+        jobs_cfg = replace(
+            new.jobs,
+            checkpoint_signal=old.jobs.checkpoint_signal,
+            snapshots_keep=old.jobs.snapshots_keep,
+            snapshots_max_bytes=old.jobs.snapshots_max_bytes,
+        )
         with self.lock:
-            self.config = replace(new, daemon=old.daemon, monitor=monitor_cfg)
+            self.config = replace(new, daemon=old.daemon, monitor=monitor_cfg, jobs=jobs_cfg, job=old.job)
             if self.monitor is not None:
                 self.monitor.config = new.health
             self.hooks.config = new.hooks

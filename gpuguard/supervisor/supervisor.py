@@ -38,6 +38,7 @@ from gpuguard.supervisor.states import ACTIVE, FINAL, JobEvent, JobState, transi
 from gpuguard.supervisor.watch import CheckpointWatcher
 
 if TYPE_CHECKING:
+    from gpuguard.config import Config
     from gpuguard.daemon.service import Daemon
 
 log = structlog.get_logger("gpuguard.supervisor")
@@ -167,7 +168,6 @@ class Job:
 class Supervisor:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self.config = daemon.config
         state_dir = daemon.config.daemon.state_dir
         self.jobs_dir = state_dir / "jobs"
         self.runtime_dir = daemon.config.daemon.socket.parent / "jobs"
@@ -183,6 +183,11 @@ class Supervisor:
         self.probation: dict[str, float] = {}  # GPU uuid -> when it may return to the pool
         self.foreign_judged: set[tuple[str, int]] = set()  # (GPU uuid, pid): each foreign holder once
         self.subreaper = False
+
+    @property
+    def config(self) -> Config:
+        """The daemon's current config: a SIGHUP reload reaches the next decision."""
+        return self.daemon.config
 
     # --- start-up ------------------------------------------------------
     def start(self) -> None:

@@ -1,0 +1,50 @@
+"""SIGHUP reaches the supervisor: its hang limits and stop timings are the
+reloaded ones, while the checkpoint signal, which running jobs were told in
+their environment, waits for a restart."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from daemon.conftest import DaemonProc, wait_until
+
+JOB = """
+import os, pathlib, time
+pathlib.Path(os.environ["GPUGUARD_HEARTBEAT"]).touch()  # one beat, then idle: hung once the limit is low
+time.sleep(600)
+"""
+
+
+def _kinds(d: DaemonProc) -> list[str]:
+    return [e["kind"] for e in json.loads(d.ctl("events", "--json", "--job", "j", "--limit", "200").stdout)]
+
+
+def test_sighup_changes_the_hang_limit_of_a_running_job_and_keeps_its_signal(tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    d = DaemonProc(tmp_path, extra_config="hang_timeout_s = 600.0\n[jobs]\ncheckpoint_grace_s = 0.5\nstop_timeout_s = 0.5\n")
+    d.start()
+    try:
+        d.ctl("run", "--name", "j", "--workdir", str(tmp_path), "--", sys.executable, str(script))
+        d.wait_for(lambda s: any(j["name"] == "j" and j["state"] == "running" for j in s["jobs"]), what="j running")
+        time.sleep(1.5)  # idle past the new limit already: only the old one holds it
+        assert "hang" not in _kinds(d)
+        text = d.config.read_text().replace("hang_timeout_s = 600.0", "hang_timeout_s = 1.0")
+        d.config.write_text(text.replace("[jobs]\n", '[jobs]\ncheckpoint_signal = "SIGUSR2"\n'))
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "hang" in _kinds(d), 15, "the hang seen under the reloaded limit")
+        log = d.log.read_text()
+        assert "config_reloaded" in log and "jobs.checkpoint_signal" in log  # named as needing a restart
+        attempt2 = wait_until(
+            lambda: next((j for j in d.status()["jobs"] if j["name"] == "j" and j["attempt"] == 2), None),
+            15, "the restarted attempt",
+        )  # fmt: skip
+        assert attempt2["name"] == "j"
+    finally:
+        d.ctl("stop", "j", check=False)
+        d.stop()
