@@ -2,7 +2,7 @@
 
 The same real tiny YOLO training (yolov8n, 96 train images at 64 px, batch 8:
 12 batches an epoch, 3 epochs, CPU) meets the same GPU fault in the middle of
-epoch 2, after batch FAULT_BATCH, under four set-ups:
+epoch 2, after batch FAULT_BATCH, under five set-ups:
 
 - gpuguard: a gpuguard job (`gpuguardd --simulate 2`); the fault is Xid 79
   injected on the job's GPU through the kernel-log path. gpuguard asks for a
@@ -14,6 +14,9 @@ epoch 2, after batch FAULT_BATCH, under four set-ups:
   of its CUDA calls: modelled by SIGKILL at the fault.
 - gpuguard, hung trainer: the trainer is SIGSTOPped at the fault (a process
   stuck in a CUDA call on a GPU that is gone), then Xid 79 is injected.
+- gpuguard, hung trainer, periodic checkpoints: the same, with gpuguard-yolo
+  also checkpointing mid-epoch every PERIODIC_S seconds (at an optimizer-step
+  boundary): the frozen trainer cannot save, so that is what bounds the loss.
 - baseline, hung trainer: SIGSTOP and nothing else; the loop is watched for
   --hung-wait-s seconds (while the next runs go on: a stopped trainer and a
   waiting bash loop use no CPU).
@@ -58,6 +61,7 @@ DOCS = REPO / "docs" / "BENCHMARKS.md"
 EPOCHS = 3
 FAULT_EPOCH, FAULT_BATCH = 2, 6
 GRACE_S, STOP_TIMEOUT_S = 5.0, 2.0
+PERIODIC_S = 1.0  # the hung-trainer set-up with periodic mid-epoch checkpoints (gpuguard-yolo's default: 600)
 CONFIG = f"""[monitor]
 poll_interval_s = 0.5
 nvml_timeout_s = 0.5
@@ -155,12 +159,13 @@ class Gpuguard:
         argv = [str(BIN / "gpuguardctl"), "--socket", str(self.socket), *args]
         return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
 
-    def measure(self, hung: bool) -> Result:
+    def measure(self, hung: bool, save_every_s: float | None = None) -> Result:
         wait(lambda: self.socket.exists(), "gpuguardd", 30)
         env = [f"{k}={v}" for k, v in bench_env(self.run).items()]
+        periodic = ["--save-every-s", f"{save_every_s:g}"] if save_every_s else []
         self.ctl(
             "run", "--name", "yolo", "--workdir", str(self.run), "--",
-            "env", *env, sys.executable, str(REPO / "bench" / "batchlog.py"), "model=yolov8n.yaml",
+            "env", *env, sys.executable, str(REPO / "bench" / "batchlog.py"), *periodic, "model=yolov8n.yaml",
             f"data={self.data}", f"epochs={EPOCHS}", "imgsz=64", "batch=8", "workers=0",
             f"project={self.run / 'runs'}", "name=bench", "plots=False",
         )  # fmt: skip
@@ -266,11 +271,11 @@ def one_run(setup: str, tmp: Path, data: Path, n: int) -> Result | Baseline:
     """A finished run, or a hung baseline still being watched (it needs no CPU meanwhile)."""
     run = tmp / f"{setup}-{n}"
     run.mkdir()
-    hung = setup.endswith("hung")
+    hung = "-hung" in setup
     if setup.startswith("gpuguard"):
         gg = Gpuguard(run, data)
         try:
-            return gg.measure(hung)
+            return gg.measure(hung, PERIODIC_S if setup.endswith("-periodic") else None)
         finally:
             gg.close()
     base = Baseline(run, data)
@@ -295,6 +300,7 @@ SETUPS = {
     "gpuguard": "gpuguard (Xid 79, trainer responds)",
     "baseline": "baseline (Xid 79 = trainer crash)",
     "gpuguard-hung": "gpuguard (Xid 79, trainer hung)",
+    "gpuguard-hung-periodic": f"gpuguard (Xid 79, trainer hung, --save-every-s {PERIODIC_S:g})",
     "baseline-hung": "baseline (Xid 79, trainer hung)",
 }
 PHASES = ("detect", "checkpoint + stop", "restart", "trainer start-up", "total", "gpuguard's own share")

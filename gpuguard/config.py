@@ -127,7 +127,8 @@ class JobSpec:
 
     name: str
     command: tuple[str, ...] = ()
-    # instead of a command: `gpuguard-yolo train` with these arguments (KEY = value)
+    # instead of a command: `gpuguard-yolo train` with these arguments (KEY = value);
+    # save_every_s among them is gpuguard-yolo's own --save-every-s
     yolo: tuple[tuple[str, str], ...] = ()
     workdir: Path | None = None
     env: tuple[tuple[str, str], ...] = ()
@@ -171,6 +172,7 @@ HOOK_PLACEHOLDERS = ("hostname", "reason", "gpus", "uuids", "state")
 JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # variables gpuguard sets for every job (CONTRACT.md); a [[job]] env cannot set them
 RESERVED_ENV = "CUDA_VISIBLE_DEVICES"
+YOLO_SAVE_EVERY = "save_every_s"  # in [[job]] yolo = {...}: gpuguard-yolo's --save-every-s, not a `yolo train` key
 RESERVED_ENV_PREFIX = "GPUGUARD_"
 # counts for which 0 makes no sense
 _AT_LEAST_ONE = frozenset({"gpus", "min_gpus", "snapshots_keep", "snapshots_max_bytes", "event_retention_max_rows"})
@@ -333,6 +335,13 @@ def _yolo_value(value: object, key: str) -> str:
     if isinstance(value, str | int | float):
         return str(value)
     raise _Problem(key, f"expected a string, number or boolean, got {_describe(value)}")
+
+
+def _non_negative_number(text: str) -> bool:
+    try:
+        return float(text) >= 0
+    except ValueError:
+        return False
 
 
 def _is_int(value: object) -> bool:
@@ -518,6 +527,9 @@ def _job_problems(job: JobSpec, key: str, seen: dict[str, int]) -> Iterator[tupl
         names = {name for name, _ in job.yolo}
         if "data" not in names:
             yield f"{key}.yolo", "needs data = \"/abs/path/data.yaml\""
+        every = dict(job.yolo).get(YOLO_SAVE_EVERY)
+        if every is not None and not _non_negative_number(every):
+            yield f"{key}.yolo.{YOLO_SAVE_EVERY}", f"must be a number of seconds, 0 or more (0: off); got {every}"
     elif not job.command or not job.command[0]:
         yield f"{key}.command", "must name a program: a non-empty argv list (or give yolo = { ... })"
     if job.min_gpus is not None and not 1 <= job.min_gpus <= job.gpus:

@@ -170,6 +170,10 @@ def test_yolo_job_takes_training_arguments(tmp_path: Path) -> None:
     assert exc.key == "job[0].yolo" and "not both" in exc.problem
     exc = error(tmp_path, '[[job]]\nname = "y"\nyolo = { epochs = 3 }\n')
     assert exc.key == "job[0].yolo" and "data" in exc.problem
+    exc = error(tmp_path, '[[job]]\nname = "y"\nyolo = { data = "/d.yaml", save_every_s = -5 }\n')
+    assert exc.key == "job[0].yolo.save_every_s" and "0 or more" in exc.problem
+    exc = error(tmp_path, '[[job]]\nname = "y"\nyolo = { data = "/d.yaml", save_every_s = "often" }\n')
+    assert exc.key == "job[0].yolo.save_every_s" and "often" in exc.problem
 
 
 # -- value checks

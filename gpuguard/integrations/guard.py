@@ -8,7 +8,10 @@ What they add to a stock `yolo train`:
 - a heartbeat file touched at most once a second, so hang detection sees
   progress;
 - atomic `last.pt`/`best.pt` writes (Ultralytics writes them in place);
-- the checkpoint's path, told to gpuguard through GPUGUARD_CHECKPOINT_FILE.
+- the checkpoint's path, told to gpuguard through GPUGUARD_CHECKPOINT_FILE;
+- periodic mid-epoch checkpoints (`save_every_s`), for the faults a trainer
+  cannot answer: a GPU gone in the middle of a CUDA call leaves the process
+  hung or dead, and then only a checkpoint already on disk counts.
 
 A mid-epoch checkpoint is saved as "epochs completed = the one before", plus
 where in the interrupted epoch it stopped (replay.py): the resumed run trains
@@ -141,11 +144,14 @@ class TrainerGuard:
         heartbeat: Heartbeat | None = None,
         checkpoint_file: Path | None = None,
         resume_position: Position | None = None,
+        save_every_s: float = 0.0,
     ) -> None:
         self.checkpoint_signal = checkpoint_signal
         self.heartbeat = heartbeat
         self.checkpoint_file = checkpoint_file
         self.resume_position = resume_position  # from the checkpoint this process resumes
+        self.save_every_s = save_every_s  # periodic mid-epoch checkpoints; 0: only on request and at epoch ends
+        self._last_save = time.monotonic()
         self.requested = False
         self._batch = 0
         self._replay: ReplaySampler | None = None
@@ -216,6 +222,7 @@ class TrainerGuard:
             if dropped:
                 log.info("dropped %d results.csv row(s) past epoch %d: that work is redone", dropped, trainer.start_epoch)
         log.info("training epochs %d..%d of %d", trainer.start_epoch + 1, trainer.epochs, trainer.epochs)
+        self._last_save = time.monotonic()
         if self.resume_position is not None:
             self._skip_trained(trainer, self.resume_position)  # after _do_train sized the epoch: it stays whole
         self._beat()
@@ -251,14 +258,19 @@ class TrainerGuard:
     def on_train_batch_end(self, trainer: Any) -> None:
         self._batch += 1
         self._beat()
-        if self.requested and is_main_rank():
+        if not is_main_rank():
+            return
+        if self.requested:
             self._checkpoint_mid_epoch(trainer)
+        elif self.save_every_s > 0 and time.monotonic() - self._last_save >= self.save_every_s:
+            self._periodic_checkpoint(trainer)
 
     def on_val_batch_end(self, validator: Any) -> None:
         self._beat()  # validation of a large set can outlast the hang timeout
 
     def on_model_save(self, trainer: Any) -> None:
         """A request that arrived during validation: the epoch's checkpoint was just written."""
+        self._last_save = time.monotonic()
         if self.requested and is_main_rank() and trainer.epoch + 1 < trainer.epochs:
             log.info(
                 "checkpoint at the end of epoch %d/%d: resume will start at epoch %d (%s)",
@@ -271,34 +283,69 @@ class TrainerGuard:
 
     def _checkpoint_mid_epoch(self, trainer: Any) -> None:
         """Save as if the previous epoch had just ended, plus where this one stopped; keep best.pt; exit 75."""
-        pos = self._replay.position() if self._replay is not None and trainer.train_loader is self._loader else None
+        pos = self._position(trainer)
         if pos is not None:
             _apply_pending_gradients(trainer)
-        epoch, best, period, metrics = trainer.epoch, trainer.best, trainer.save_period, trainer.metrics
-        trainer.epoch, trainer.best, trainer.save_period = epoch - 1, _DiscardPath(best), 0
-        if pos is not None:
-            trainer.metrics = {**metrics, RESUME_KEY: pos.to_json()}  # save_model keeps it as train_metrics
-        try:
-            trainer.save_model()
-        finally:
-            trainer.epoch, trainer.best, trainer.save_period, trainer.metrics = epoch, best, period, metrics
+        _save_mid_epoch(trainer, pos)
         sys.stderr.write("\n")  # end the progress bar's line
         if pos is not None:
             log.info(
                 "checkpoint at epoch %d/%d batch %d/%d: resume will train the epoch's other %d batches (%s)",
-                epoch + 1, trainer.epochs, pos.done, pos.batches, pos.batches - pos.done, trainer.last,
+                trainer.epoch + 1, trainer.epochs, pos.done, pos.batches, pos.batches - pos.done, trainer.last,
             )
         else:
             log.info(
                 "checkpoint at epoch %d/%d batch %d/%d: resume will redo epoch %d (%s)",
-                epoch + 1, trainer.epochs, self._batch, len(trainer.train_loader), epoch + 1, trainer.last,
+                trainer.epoch + 1, trainer.epochs, self._batch, len(trainer.train_loader), trainer.epoch + 1, trainer.last,
             )
         exit_now(EX_TEMPFAIL)
 
+    def _periodic_checkpoint(self, trainer: Any) -> None:
+        """Bound what a fault the trainer cannot answer (a GPU gone mid-call, a SIGKILL) loses.
+
+        Taken only at a batch end right after an optimizer step, so training
+        goes on exactly as without it; and only where the position can be
+        replayed, so a resume from it trains nothing twice.
+        """
+        if self._batch >= len(trainer.train_loader):
+            return  # the epoch's last batch: Ultralytics' own epoch-end save comes next
+        pos = self._position(trainer)
+        if pos is None or _pending_gradients(trainer):
+            return  # try again at the next batch end
+        _save_mid_epoch(trainer, pos)
+        self._last_save = time.monotonic()
+        log.info(
+            "periodic checkpoint at epoch %d/%d batch %d/%d (every %gs): %s",
+            trainer.epoch + 1, trainer.epochs, pos.done, pos.batches, self.save_every_s, trainer.last,
+        )
+
+    def _position(self, trainer: Any) -> Position | None:
+        return self._replay.position() if self._replay is not None and trainer.train_loader is self._loader else None
+
+
+def _save_mid_epoch(trainer: Any, pos: Position | None) -> None:
+    """last.pt as "the previous epoch completed" (+ where this one stands); best.pt and epochN.pt untouched."""
+    epoch, best, period, metrics = trainer.epoch, trainer.best, trainer.save_period, trainer.metrics
+    trainer.epoch, trainer.best, trainer.save_period = epoch - 1, _DiscardPath(best), 0
+    if pos is not None:
+        trainer.metrics = {**metrics, RESUME_KEY: pos.to_json()}  # save_model keeps it as train_metrics
+    try:
+        trainer.save_model()
+    finally:
+        trainer.epoch, trainer.best, trainer.save_period, trainer.metrics = epoch, best, period, metrics
+
+
+def _pending_gradients(trainer: Any) -> bool:
+    """Has backward() run since the last optimizer step? (the step zeroes .grad; it may keep the tensors)"""
+    return any(p.grad is not None and bool(p.grad.any()) for p in trainer.model.parameters())
+
 
 def _apply_pending_gradients(trainer: Any) -> None:
-    """Gradients of batches since the last optimizer step are not in a checkpoint: step on them now."""
-    if any(p.grad is not None for p in trainer.model.parameters()):
+    """Gradients of batches since the last optimizer step are not in a checkpoint: step on them now.
+
+    Only when there are some: a step on zero gradients would still move the
+    weights (momentum, weight decay)."""
+    if _pending_gradients(trainer):
         trainer.optimizer_step()
 
 

@@ -1,12 +1,13 @@
 """`gpuguard-yolo`: `yolo train` under gpuguard, offline.
 
-    gpuguard-yolo train model=yolov8n.yaml data=/abs/data.yaml epochs=10 ...
+    gpuguard-yolo train [--save-every-s 600] model=yolov8n.yaml data=/abs/data.yaml epochs=10 ...
     gpuguard-yolo make-dataset DIR [--train 16 --val 4 --imgsz 64]
 
 `train` takes the same KEY=VALUE arguments as `yolo train` and adds what a
 job managed by gpuguard needs (see guard.py): checkpoint-and-exit-75 on the
-checkpoint signal, a heartbeat, atomic checkpoint writes, resume from
-GPUGUARD_RESUME_FROM. Exit codes: 0 trained (or nothing left to train),
+checkpoint signal, a heartbeat, atomic checkpoint writes, a mid-epoch
+checkpoint every --save-every-s seconds, resume from GPUGUARD_RESUME_FROM
+(mid-epoch: the rest of the epoch, in the same order). Exit codes: 0 trained (or nothing left to train),
 75 checkpoint saved (restart me), 2 bad arguments, 1 anything else.
 
 Environment is set up before ultralytics is imported, because ultralytics
@@ -30,6 +31,7 @@ from gpuguard.integrations.guard import TrainerGuard
 from gpuguard.integrations.resume import ResumePoint, read_resume_point
 
 log = logging.getLogger("gpuguard.yolo")
+SAVE_EVERY_S = 600.0  # a fault the trainer cannot answer loses at most this much training
 
 EX_USAGE = 2
 FONTS = ("Arial.ttf", "Arial.Unicode.ttf")
@@ -148,12 +150,15 @@ def resume_kwargs(point: ResumePoint, overrides: dict[str, Any], device: str) ->
     return {**base, **user, **common, "resume": False, "pretrained": True, "exist_ok": True}
 
 
-def train(tokens: Sequence[str]) -> int:
+def train(tokens: Sequence[str], save_every_s: float = SAVE_EVERY_S) -> int:
     """The `train` command; see the module docstring for exit codes."""
+    if not save_every_s >= 0:
+        raise UsageError(f"--save-every-s must be 0 (off) or more, not {save_every_s}")
     try:
         guard = TrainerGuard.from_env()
     except ValueError as exc:
         raise UsageError(f"GPUGUARD_CHECKPOINT_SIGNAL: {exc}") from None
+    guard.save_every_s = save_every_s
     guard.listen()  # first: a checkpoint request during start-up is kept for the first batch end
     raw = split_args(tokens)
     setup_offline(raw)
@@ -193,6 +198,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpuguard-yolo", description="Ultralytics YOLO training under gpuguard")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("train", help="yolo train KEY=VALUE ... with gpuguard's checkpoint handshake")
+    run.add_argument(
+        "--save-every-s", type=float, default=SAVE_EVERY_S, metavar="SECONDS",
+        help=f"also checkpoint mid-epoch this often, for faults the trainer cannot answer (default {SAVE_EVERY_S:g}; 0: off)",
+    )
     run.add_argument("args", nargs=argparse.REMAINDER, help="KEY=VALUE arguments of `yolo train`")
     data = sub.add_parser("make-dataset", help="write a tiny synthetic detection dataset")
     data.add_argument("dir", type=Path)
@@ -215,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError("need --imgsz >= 32 and at least one train and one val image")
             print(make_dataset(args.dir, train=args.train, val=args.val, imgsz=args.imgsz))
             return 0
-        return train(args.args)
+        return train(args.args, args.save_every_s)
     except UsageError as exc:
         log.error("error: %s", exc)
         return EX_USAGE

@@ -26,7 +26,7 @@ import psutil
 import structlog
 
 from gpuguard import sdnotify
-from gpuguard.config import JobSpec
+from gpuguard.config import YOLO_SAVE_EVERY, JobSpec
 from gpuguard.events import Event, EventKind
 from gpuguard.health import xid as xid_catalog
 from gpuguard.health.types import Action, GpuState, Severity
@@ -247,10 +247,13 @@ class Supervisor:
         if checkpoint is not None and not checkpoint.is_absolute():
             checkpoint = workdir / checkpoint
         env = self._base_env(spec.user) | dict(spec.env)
+        yolo = dict(spec.yolo)
+        every = yolo.pop(YOLO_SAVE_EVERY, None)
         command = list(spec.command) or [
             str(Path(sys.executable).parent / "gpuguard-yolo"),
             "train",
-            *(f"{key}={value}" for key, value in spec.yolo),
+            *(["--save-every-s", every] if every is not None else []),
+            *(f"{key}={value}" for key, value in yolo.items()),
         ]
         return Job(
             name=spec.name,

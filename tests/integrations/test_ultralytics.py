@@ -32,6 +32,8 @@ EX_TEMPFAIL = 75
 # SIGNAL_AT_EPOCH: the process sends itself SIGUSR1 when that (0-based) epoch starts, so the
 #   checkpoint lands after its first batch however fast the machine is.
 # TRAINED_LOG: every training batch appends [epoch, image names] to that file, as the trainer sees it.
+# KILL_AFTER: "EPOCH:BATCH" (1-based): the process SIGKILLs itself at that batch end, after gpuguard's
+#   callbacks (a fault the trainer cannot answer).
 SHIM = """
 import json, os, signal, sys, time
 from pathlib import Path
@@ -65,6 +67,17 @@ if "TRAINED_LOG" in os.environ:
             f.write(json.dumps([self.epoch, [Path(p).name for p in batch["im_file"]]]) + "\\n")
         return preprocess(self, batch)
     DetectionTrainer.preprocess_batch = preprocess_batch
+if "KILL_AFTER" in os.environ:
+    from gpuguard.integrations.guard import TrainerGuard
+    install = TrainerGuard.install
+    def install_then_kill(self, model):
+        install(self, model)
+        epoch, batch = map(int, os.environ["KILL_AFTER"].split(":"))
+        def kill(trainer):
+            if (trainer.epoch + 1, self._batch) == (epoch, batch):
+                os.kill(os.getpid(), signal.SIGKILL)
+        model.add_callback("on_train_batch_end", kill)
+    TrainerGuard.install = install_then_kill
 from gpuguard.integrations.ultralytics import main
 sys.exit(main())
 """
@@ -95,7 +108,15 @@ class Job:
     def checkpoint_file(self) -> Path:
         return self.root / "rt" / "checkpoint-path"
 
-    def start(self, attempt: int, resume_from: Path | None = None, script: Path | None = None, **extra_env: str) -> subprocess.Popen[str]:
+    def start(
+        self,
+        attempt: int,
+        resume_from: Path | None = None,
+        script: Path | None = None,
+        flags: tuple[str, ...] = (),
+        extra_args: tuple[str, ...] = (),
+        **extra_env: str,
+    ) -> subprocess.Popen[str]:
         (self.root / "rt").mkdir(exist_ok=True)
         env = {
             **self.base_env,
@@ -109,12 +130,12 @@ class Job:
         if resume_from is not None:
             env["GPUGUARD_RESUME_FROM"] = str(resume_from)
         entry = [str(script)] if script else ["-m", "gpuguard.integrations.ultralytics"]
-        args = [f"data={self.data_yaml}", f"project={self.root / 'runs'}", "name=job", *TRAIN_ARGS]
+        args = [f"data={self.data_yaml}", f"project={self.root / 'runs'}", "name=job", *TRAIN_ARGS, *extra_args]
         log = self.root / f"attempt{len(self.logs) + 1}.log"
         self.logs.append(str(log))
         with log.open("w") as out:
             return subprocess.Popen(
-                [sys.executable, *entry, "train", *args], env=env, cwd=self.root, stdout=out, stderr=subprocess.STDOUT
+                [sys.executable, *entry, "train", *flags, *args], env=env, cwd=self.root, stdout=out, stderr=subprocess.STDOUT
             )
 
     def finish(self, proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str]:
@@ -215,15 +236,48 @@ def test_checkpoint_signal_exits_75_and_resume_trains_exactly_the_requested_epoc
         assert YOLO(str(job.save_dir / "weights" / weights)).task == "detect"
 
 
-def test_every_epoch_trains_every_image_exactly_once_across_the_interruptions(signalled: SignalledRun) -> None:
-    """What the trainer itself was fed: the resumed attempts train the rest of each epoch, nothing twice."""
-    lines = (signalled.job.root / "trained.jsonl").read_text().splitlines()
+def trained_per_epoch(log: Path) -> tuple[int, dict[int, list[str]]]:
+    """(batches logged, image names per epoch) from a TRAINED_LOG file."""
+    lines = log.read_text().splitlines()
     per_epoch: dict[int, list[str]] = {}
     for epoch, names in map(json.loads, lines):
         per_epoch.setdefault(epoch, []).extend(names)
+    return len(lines), per_epoch
+
+
+def test_every_epoch_trains_every_image_exactly_once_across_the_interruptions(signalled: SignalledRun) -> None:
+    """What the trainer itself was fed: the resumed attempts train the rest of each epoch, nothing twice."""
+    batches, per_epoch = trained_per_epoch(signalled.job.root / "trained.jsonl")
     images = sorted(p.name for p in (signalled.job.data_yaml.parent / "images" / "train").iterdir())
-    assert len(images) == 32 and len(lines) == 8  # 2 epochs of 4 batches, not one more
+    assert len(images) == 32 and batches == 8  # 2 epochs of 4 batches, not one more
     assert {epoch: sorted(names) for epoch, names in per_epoch.items()} == {0: images, 1: images}
+
+
+def test_periodic_checkpoint_bounds_what_a_sigkill_loses(tmp_path: Path, data_yaml: Path, base_env: dict[str, str]) -> None:
+    """A trainer killed with no chance to save (a GPU gone mid-call) resumes from its last periodic checkpoint."""
+    job = Job(tmp_path, data_yaml, base_env)
+    shim = tmp_path / "shim.py"
+    shim.write_text(SHIM)
+    trained = {"TRAINED_LOG": str(tmp_path / "trained.jsonl")}
+    # nbs=8 with batch=8: an optimizer step every batch, so every batch end may take the periodic save
+    # (with gradient accumulation it waits for the next step, where it changes nothing)
+    first = job.start(1, script=shim, flags=("--save-every-s", "0.001"), extra_args=("nbs=8",), KILL_AFTER="2:3", **trained)
+    rc, log1 = job.finish(first)
+    assert rc == -signal.SIGKILL, log1
+    assert "periodic checkpoint at epoch 2/2 batch 3/4" in log1
+    rc, log2 = job.finish(job.start(2, resume_from=job.last, script=shim, **trained))
+    assert rc == 0, log2
+    assert "epoch 2 resumes at batch 4/4 in the interrupted run's order" in log2
+    batches, per_epoch = trained_per_epoch(tmp_path / "trained.jsonl")
+    images = sorted(p.name for p in (data_yaml.parent / "images" / "train").iterdir())
+    assert batches == 8 and {e: sorted(n) for e, n in per_epoch.items()} == {0: images, 1: images}
+    assert result_epochs(job.save_dir) == [1, 2]
+
+
+def test_save_every_s_refuses_a_negative_interval(tmp_path: Path, data_yaml: Path, base_env: dict[str, str]) -> None:
+    job = Job(tmp_path, data_yaml, base_env)
+    rc, log = job.finish(job.start(1, flags=("--save-every-s", "-1")))
+    assert rc == 2 and "--save-every-s must be 0 (off) or more" in log
 
 
 def test_mid_epoch_checkpoint_leaves_best_pt_alone(signalled: SignalledRun) -> None:

@@ -106,7 +106,7 @@ def test_yolo_job_from_the_config_trains(tmp_path: Path) -> None:
         'name = "cfg-yolo"\n'
         f'workdir = "{tmp_path}"\n'
         f'yolo = {{ model = "yolov8n.yaml", data = "{data / "data.yaml"}", epochs = 1, imgsz = 64, batch = 8, '
-        f'workers = 0, project = "{project}", name = "cfg", plots = false }}\n'
+        f'workers = 0, project = "{project}", name = "cfg", plots = false, save_every_s = 300 }}\n'
     )
     proc = DaemonProc(tmp_path, extra_config=extra)
     proc.start()
@@ -119,7 +119,7 @@ def test_yolo_job_from_the_config_trains(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, job
             time.sleep(0.5)
         assert job["state"] == "succeeded", job
-        assert job["command"][1:3] == ["train", "batch=8"]
+        assert job["command"][1:5] == ["train", "--save-every-s", "300", "batch=8"]
         assert job["checkpoint_path"] == str(project / "cfg" / "weights" / "last.pt")
         assert _epochs(project / "cfg" / "results.csv") == [1]
     finally:
