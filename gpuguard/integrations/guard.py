@@ -152,6 +152,7 @@ class TrainerGuard:
         self.resume_position = resume_position  # from the checkpoint this process resumes
         self.save_every_s = save_every_s  # periodic mid-epoch checkpoints; 0: only on request and at epoch ends
         self._last_save = time.monotonic()
+        self._saved_at: Position | None = None  # the last periodic checkpoint's position
         self.requested = False
         self._batch = 0
         self._replay: ReplaySampler | None = None
@@ -214,6 +215,15 @@ class TrainerGuard:
         if is_main_rank():
             self._replay = install(trainer)
             self._loader = trainer.train_loader
+            if self._replay is not None:
+                step, replay = trainer.optimizer_step, self._replay
+
+                def optimizer_step() -> None:
+                    step()
+                    if trainer.train_loader is self._loader:
+                        replay.stepped()
+
+                trainer.optimizer_step = optimizer_step  # where a periodic checkpoint may stand
 
     def on_train_start(self, trainer: Any) -> None:
         """After a resume: forget results rows of epochs trained again; skip what the epoch already trained."""
@@ -303,17 +313,19 @@ class TrainerGuard:
     def _periodic_checkpoint(self, trainer: Any) -> None:
         """Bound what a fault the trainer cannot answer (a GPU gone mid-call, a SIGKILL) loses.
 
-        Taken only at a batch end right after an optimizer step, so training
-        goes on exactly as without it; and only where the position can be
-        replayed, so a resume from it trains nothing twice.
+        The checkpoint stands where the last optimizer step left the weights:
+        batches after it are in no weights yet, so the resume trains them
+        (again); training itself goes on exactly as without the save. Taken
+        only where the position can be replayed, so nothing is trained twice
+        that the checkpoint already holds.
         """
         if self._batch >= len(trainer.train_loader):
             return  # the epoch's last batch: Ultralytics' own epoch-end save comes next
-        pos = self._position(trainer)
-        if pos is None or _pending_gradients(trainer):
-            return  # try again at the next batch end
+        now, pos = self._position(trainer), self._replay.position_at_step() if self._replay is not None else None
+        if now is None or pos is None or pos.label != now.label or pos == self._saved_at:
+            return  # no optimizer step in this epoch yet (its start is the epoch-end checkpoint), or none since
         _save_mid_epoch(trainer, pos)
-        self._last_save = time.monotonic()
+        self._last_save, self._saved_at = time.monotonic(), pos
         log.info(
             "periodic checkpoint at epoch %d/%d batch %d/%d (every %gs): %s",
             trainer.epoch + 1, trainer.epochs, pos.done, pos.batches, self.save_every_s, trainer.last,

@@ -85,6 +85,7 @@ class ReplaySampler:
         self._skip = 0  # batches the next new pass leaves out
         self._passes: list[_Pass] = []  # since the last reset, in the order handed out
         self._consumed = 0  # batches the trainer took since the last reset
+        self._stepped = 0  # of those, how many the last optimizer step took in
 
     # --- what the loader calls ------------------------------------------
     def __iter__(self) -> Iterator[int]:
@@ -114,6 +115,10 @@ class ReplaySampler:
         """The trainer took one more batch from the loader."""
         self._consumed += 1
 
+    def stepped(self) -> None:
+        """The optimizer just stepped: every batch consumed so far is in the weights."""
+        self._stepped = self._consumed
+
     def reset(self) -> None:
         """The loader dropped its iterator (and with it any prefetched pass): counting starts again.
 
@@ -123,16 +128,23 @@ class ReplaySampler:
         if self._consumed == 0 and self._passes:
             self._next_label, self._skip = self._passes[0].label, self._passes[0].skip
         self._passes.clear()
-        self._consumed = 0
+        self._consumed = self._stepped = 0
 
     def position(self) -> Position | None:
         """The pass and batch of the last batch consumed; None before the first."""
-        if self._consumed == 0:
+        return self._position_of(self._consumed)
+
+    def position_at_step(self) -> Position | None:
+        """Where the last optimizer step left the weights: batches after it are not in them yet."""
+        return self._position_of(self._stepped)
+
+    def _position_of(self, consumed: int) -> Position | None:
+        if consumed == 0:
             return None
         start = 0
         for p in self._passes:
-            if self._consumed <= start + p.batches:
-                done = p.skip + self._consumed - start
+            if consumed <= start + p.batches:
+                done = p.skip + consumed - start
                 # a pass trained to its end leaves nothing to replay: train its last batch again
                 full = self.batches()
                 return Position(p.label, min(done, full - 1), full, self.samples, self.batch_size, self.seed)

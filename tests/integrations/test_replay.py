@@ -109,6 +109,20 @@ def test_reset_before_the_resumed_epoch_keeps_the_resume_position() -> None:
     t.train_loader.close()
 
 
+def test_position_at_step_is_where_the_weights_stand() -> None:
+    """Batches after the last optimizer step are in no weights yet: a checkpoint stands before them."""
+    t = trainer(0)
+    assert t.replay.position_at_step() is None
+    t.epoch(stop_after=1)
+    t.replay.stepped()
+    t.epoch(stop_after=2)  # continues the same pass: batches 2 and 3, no step
+    assert (t.replay.position().done, t.replay.position_at_step().done) == (3, 1)
+    t.replay.stepped()
+    assert t.replay.position_at_step().done == 3
+    t.train_loader.reset()
+    assert t.replay.position_at_step() is None  # counting starts again with the new iterator
+
+
 def test_last_batch_of_a_pass_resumes_with_that_batch_again() -> None:
     t = trainer(0)
     t.epoch()

@@ -259,8 +259,8 @@ def test_periodic_checkpoint_bounds_what_a_sigkill_loses(tmp_path: Path, data_ya
     shim = tmp_path / "shim.py"
     shim.write_text(SHIM)
     trained = {"TRAINED_LOG": str(tmp_path / "trained.jsonl")}
-    # nbs=8 with batch=8: an optimizer step every batch, so every batch end may take the periodic save
-    # (with gradient accumulation it waits for the next step, where it changes nothing)
+    # nbs=8 with batch=8: an optimizer step every batch, so the save at batch 3 stands at batch 3
+    # (with gradient accumulation it stands at the last step; tests/integrations/test_replay.py)
     first = job.start(1, script=shim, flags=("--save-every-s", "0.001"), extra_args=("nbs=8",), KILL_AFTER="2:3", **trained)
     rc, log1 = job.finish(first)
     assert rc == -signal.SIGKILL, log1
