@@ -15,8 +15,8 @@ epoch 2, after batch FAULT_BATCH, under five set-ups:
 - gpuguard, hung trainer: the trainer is SIGSTOPped at the fault (a process
   stuck in a CUDA call on a GPU that is gone), then Xid 79 is injected.
 - gpuguard, hung trainer, periodic checkpoints: the same, with gpuguard-yolo
-  also checkpointing mid-epoch every PERIODIC_S seconds (at an optimizer-step
-  boundary): the frozen trainer cannot save, so that is what bounds the loss.
+  also checkpointing mid-epoch every PERIODIC_S seconds (each standing at the
+  last optimizer step): the frozen trainer cannot save, so that bounds the loss.
 - baseline, hung trainer: SIGSTOP and nothing else; the loop is watched for
   --hung-wait-s seconds (while the next runs go on: a stopped trainer and a
   waiting bash loop use no CPU).
