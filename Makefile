@@ -24,7 +24,7 @@ demo: $(STAMP)
 chaos: $(STAMP)
 	$(PY) bench/chaos.py --long
 
-# Every measured table of docs/BENCHMARKS.md, rewritten in place (the parts took 3.5, 1 and 8 minutes here).
+# Every measured table of docs/BENCHMARKS.md, rewritten in place (11 min 17 s in all on the 2-core VM).
 bench: $(STAMP)
 	$(PY) bench/footprint.py --write-docs
 	$(PY) bench/detection.py --samples 30 --write-docs
