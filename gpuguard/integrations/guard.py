@@ -150,6 +150,7 @@ class TrainerGuard:
         self.heartbeat = heartbeat
         self.checkpoint_file = checkpoint_file
         self.resume_position = resume_position  # from the checkpoint this process resumes
+        self.first_epoch_state: Path | None = None  # a checkpoint of a first epoch, whose training state to load
         self.save_every_s = save_every_s  # periodic mid-epoch checkpoints; 0: only on request and at epoch ends
         self._last_save = time.monotonic()
         self._saved_at: Position | None = None  # the last periodic checkpoint's position
@@ -211,7 +212,9 @@ class TrainerGuard:
         self._beat()
 
     def on_pretrain_routine_end(self, trainer: Any) -> None:
-        """The loaders exist: make the training order replayable."""
+        """The optimizer and loaders exist: restore a first epoch's training state; make the order replayable."""
+        if self.first_epoch_state is not None:
+            _load_training_state(trainer, self.first_epoch_state)
         if is_main_rank():
             self._replay = install(trainer)
             self._loader = trainer.train_loader
@@ -333,6 +336,23 @@ class TrainerGuard:
 
     def _position(self, trainer: Any) -> Position | None:
         return self._replay.position() if self._replay is not None and trainer.train_loader is self._loader else None
+
+
+def _load_training_state(trainer: Any, path: Path) -> None:
+    """Optimizer, AMP scaler and EMA from a checkpoint taken during the first epoch.
+
+    Ultralytics refuses to resume "no epoch completed", so such a run starts
+    again from the checkpoint's weights; without this its optimizer (momentum,
+    Adam moments) and EMA would start from scratch too.
+    """
+    import torch
+
+    load = getattr(trainer, "_load_checkpoint_state", None)  # what Ultralytics' own resume calls
+    if load is None:
+        log.warning("this Ultralytics has no _load_checkpoint_state: optimizer and EMA start afresh")
+        return
+    load(torch.load(path, map_location="cpu", weights_only=False))
+    log.info("first epoch continues with the optimizer, scaler and EMA state of %s", path)
 
 
 def _save_mid_epoch(trainer: Any, pos: Position | None) -> None:

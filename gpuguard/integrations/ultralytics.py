@@ -145,7 +145,8 @@ def resume_kwargs(point: ResumePoint, overrides: dict[str, Any], device: str) ->
     if point.completed_epochs >= 1:
         return {**user, **common, "resume": str(point.path)}
     # Interrupted during the first epoch: Ultralytics cannot resume "no epoch done", so start
-    # the run again from its partly trained weights, into the same directory.
+    # the run again from its partly trained weights, into the same directory (the guard then
+    # loads the checkpoint's optimizer, scaler and EMA state, and skips the batches trained).
     base = {k: v for k, v in point.train_args.items() if k not in ("model", "resume")}
     return {**base, **user, **common, "resume": False, "pretrained": True, "exist_ok": True}
 
@@ -183,6 +184,8 @@ def train(tokens: Sequence[str], save_every_s: float = SAVE_EVERY_S) -> int:
         model = YOLO(str(point.path))
         kwargs = resume_kwargs(point, overrides, device)
         guard.resume_position = point.position
+        if point.completed_epochs == 0:
+            guard.first_epoch_state = point.path
     else:
         check_local(overrides)
         model = YOLO(str(overrides.get("model") or "yolo26n.pt"), task=overrides.get("task"))

@@ -32,6 +32,7 @@ EX_TEMPFAIL = 75
 # SIGNAL_AT_EPOCH: the process sends itself SIGUSR1 when that (0-based) epoch starts, so the
 #   checkpoint lands after its first batch however fast the machine is.
 # TRAINED_LOG: every training batch appends [epoch, image names] to that file, as the trainer sees it.
+# STATE_LOG: at the training start, appends [optimizer states, EMA updates] to that file.
 # KILL_AFTER: "EPOCH:BATCH" (1-based): the process SIGKILLs itself at that batch end, after gpuguard's
 #   callbacks (a fault the trainer cannot answer).
 SHIM = """
@@ -67,6 +68,14 @@ if "TRAINED_LOG" in os.environ:
             f.write(json.dumps([self.epoch, [Path(p).name for p in batch["im_file"]]]) + "\\n")
         return preprocess(self, batch)
     DetectionTrainer.preprocess_batch = preprocess_batch
+if "STATE_LOG" in os.environ:
+    from gpuguard.integrations.guard import TrainerGuard
+    train_start = TrainerGuard.on_train_start
+    def on_train_start(self, trainer):
+        train_start(self, trainer)
+        with open(os.environ["STATE_LOG"], "a") as f:
+            f.write(json.dumps([len(trainer.optimizer.state), trainer.ema.updates]) + "\\n")
+    TrainerGuard.on_train_start = on_train_start
 if "KILL_AFTER" in os.environ:
     from gpuguard.integrations.guard import TrainerGuard
     install = TrainerGuard.install
@@ -197,7 +206,7 @@ def signalled(tmp_path_factory: pytest.TempPathFactory, data_yaml: Path, base_en
         checkpoints.append(snapshot)
         return snapshot
 
-    trained = {"TRAINED_LOG": str(job.root / "trained.jsonl")}
+    trained = {"TRAINED_LOG": str(job.root / "trained.jsonl"), "STATE_LOG": str(job.root / "state.jsonl")}
     proc = job.start(1, script=shim, **trained)
     wait_for(job.heartbeat.exists, proc)
     proc.send_signal(signal.SIGUSR1)
@@ -278,6 +287,17 @@ def test_save_every_s_refuses_a_negative_interval(tmp_path: Path, data_yaml: Pat
     job = Job(tmp_path, data_yaml, base_env)
     rc, log = job.finish(job.start(1, flags=("--save-every-s", "-1")))
     assert rc == 2 and "--save-every-s must be 0 (off) or more" in log
+
+
+def test_a_first_epoch_resume_keeps_optimizer_and_ema_state(signalled: SignalledRun) -> None:
+    """Attempt 2 continues epoch 1, which Ultralytics cannot "resume": its optimizer and EMA still carry on."""
+    states = [json.loads(line) for line in (signalled.job.root / "state.jsonl").read_text().splitlines()]
+    (fresh_states, fresh_updates), (states2, updates2), (states3, updates3) = states
+    assert (fresh_states, fresh_updates) == (0, 0)
+    assert states2 > 0 and updates2 >= 1  # epoch 1 batch 1 was trained and stepped
+    assert states3 > 0 and updates3 > updates2  # the ordinary resume, for comparison
+    log2 = signalled.outcomes[1][1]
+    assert "first epoch continues with the optimizer, scaler and EMA state of" in log2
 
 
 def test_mid_epoch_checkpoint_leaves_best_pt_alone(signalled: SignalledRun) -> None:
