@@ -242,8 +242,8 @@ class TrainerGuard:
 
     def _skip_trained(self, trainer: Any, pos: Position) -> None:
         replay = self._replay
-        same = replay is not None and (replay.samples, replay.batch_size, replay.batches(), replay.seed) == (
-            pos.samples, pos.batch_size, pos.batches, pos.seed,
+        same = replay is not None and (replay.samples, replay.batch_size, replay.batches(), replay.seed, replay.order) == (
+            pos.samples, pos.batch_size, pos.batches, pos.seed, pos.order,
         )
         if replay is None or not same:
             log.warning(

@@ -5,7 +5,8 @@ process, so the order of epoch N after a restart is not the order the
 interrupted process was using: "the rest of the epoch" cannot be
 reproduced, and a resume has to redo the whole epoch. This module swaps the
 loader's sampler for one whose every pass (one pass = one epoch of batches)
-is a permutation drawn from (seed, label) alone, and keeps a record of the
+is a permutation drawn from (seed, label) alone (an unshuffled loader,
+`rect=True`, keeps its index order), and keeps a record of the
 passes it handed out and of the batches the trainer consumed. A checkpoint
 can then say "pass `label`, `done` batches trained", and the resumed process
 starts with that same permutation, minus its first `done` batches.
@@ -29,7 +30,8 @@ import numpy as np
 log = logging.getLogger("gpuguard.yolo")
 
 RESUME_KEY = "gpuguard_resume"  # in a checkpoint's train_metrics: the Position of a mid-epoch save
-ORDER = "numpy-pcg64(seed,label)"  # how a pass's order is drawn; a checkpoint names it so a change is caught
+SHUFFLED = "numpy-pcg64(seed,label)"  # how a pass's order is drawn; a checkpoint names it so a change is caught
+SEQUENTIAL = "sequential"  # an unshuffled loader (rect=True): every pass in index order
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,20 +44,21 @@ class Position:
     samples: int
     batch_size: int
     seed: int
+    order: str = SHUFFLED
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "order": ORDER, "label": self.label, "done": self.done, "batches": self.batches,
+            "order": self.order, "label": self.label, "done": self.done, "batches": self.batches,
             "samples": self.samples, "batch_size": self.batch_size, "seed": self.seed,
         }  # fmt: skip
 
     @classmethod
     def from_json(cls, data: Any) -> Position | None:
         """None for anything this version did not write (the resume then redoes the epoch)."""
-        if not isinstance(data, dict) or data.get("order") != ORDER:
+        if not isinstance(data, dict) or data.get("order") not in (SHUFFLED, SEQUENTIAL):
             return None
         try:
-            pos = cls(*(int(data[k]) for k in ("label", "done", "batches", "samples", "batch_size", "seed")))
+            pos = cls(*(int(data[k]) for k in ("label", "done", "batches", "samples", "batch_size", "seed")), data["order"])
         except (KeyError, TypeError, ValueError):
             return None
         return pos if 0 < pos.done < pos.batches and pos.batch_size > 0 else None
@@ -68,19 +71,24 @@ class _Pass:
     batches: int  # batches it yields
 
 
-def permutation(samples: int, seed: int, label: int) -> list[int]:
+def permutation(samples: int, seed: int, label: int, order: str = SHUFFLED) -> list[int]:
     """The order of one pass: the same for the same (samples, seed, label), in any process."""
+    if order == SEQUENTIAL:
+        return list(range(samples))
     return np.random.default_rng([seed & 0xFFFFFFFF, label]).permutation(samples).tolist()
 
 
 class ReplaySampler:
     """The index sampler inside the loader's BatchSampler; see the module docstring."""
 
-    def __init__(self, samples: int, batch_size: int, drop_last: bool, seed: int, first_label: int = 0) -> None:
+    def __init__(
+        self, samples: int, batch_size: int, drop_last: bool, seed: int, first_label: int = 0, order: str = SHUFFLED
+    ) -> None:
         self.samples = samples
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.seed = seed
+        self.order = order
         self._next_label = first_label
         self._skip = 0  # batches the next new pass leaves out
         self._passes: list[_Pass] = []  # since the last reset, in the order handed out
@@ -93,7 +101,7 @@ class ReplaySampler:
         label = self._next_label
         self._next_label += 1
         self._passes.append(_Pass(label, skip, self.batches(skip)))
-        yield from permutation(self.samples, self.seed, label)[skip * self.batch_size :]
+        yield from permutation(self.samples, self.seed, label, self.order)[skip * self.batch_size :]
 
     def __len__(self) -> int:
         """Samples in the pass the trainer is about to start: the loader sizes each epoch by it."""
@@ -147,7 +155,7 @@ class ReplaySampler:
                 done = p.skip + consumed - start
                 # a pass trained to its end leaves nothing to replay: train its last batch again
                 full = self.batches()
-                return Position(p.label, min(done, full - 1), full, self.samples, self.batch_size, self.seed)
+                return Position(p.label, min(done, full - 1), full, self.samples, self.batch_size, self.seed, self.order)
             start += p.batches
         return None  # consumed batches the sampler never handed out: not our loader's
 
@@ -165,8 +173,9 @@ def install(trainer: Any) -> ReplaySampler | None:
     loader = trainer.train_loader
     batch_sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)  # inside _RepeatSampler
     inner = getattr(batch_sampler, "sampler", None)
-    if type(inner).__name__ != "RandomSampler" or not hasattr(loader, "reset"):
-        # DDP (DistributedSampler), an unshuffled loader, or an Ultralytics version shaped differently
+    orders = {"RandomSampler": SHUFFLED, "SequentialSampler": SEQUENTIAL}
+    if type(inner).__name__ not in orders or not hasattr(loader, "reset"):
+        # DDP (DistributedSampler), or an Ultralytics version shaped differently
         log.info("mid-epoch replay off (loader sampler %s): a resume redoes the interrupted epoch", type(inner).__name__)
         return None
     sampler = ReplaySampler(
@@ -175,6 +184,7 @@ def install(trainer: Any) -> ReplaySampler | None:
         drop_last=bool(batch_sampler.drop_last),
         seed=int(getattr(trainer.args, "seed", 0) or 0),
         first_label=int(getattr(trainer, "start_epoch", 0)),
+        order=orders[type(inner).__name__],
     )
     batch_sampler.sampler = sampler
     original_reset = loader.reset

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gpuguard.integrations.replay import Position, ReplaySampler, install, permutation
+from gpuguard.integrations.replay import SEQUENTIAL, Position, ReplaySampler, install, permutation
 
 SAMPLES, BATCH = 20, 4  # 5 batches a pass
 
@@ -45,10 +45,10 @@ class Trainer:
         return seen
 
 
-def trainer(workers: int = 2, start_epoch: int = 0) -> Trainer:
+def trainer(workers: int = 2, start_epoch: int = 0, shuffle: bool = True) -> Trainer:
     from ultralytics.data.build import build_dataloader
 
-    loader = build_dataloader(Indices(), batch=BATCH, workers=workers, shuffle=True, rank=-1, device="cpu")
+    loader = build_dataloader(Indices(), batch=BATCH, workers=workers, shuffle=shuffle, rank=-1, device="cpu")
     t = Trainer(loader, start_epoch=start_epoch)
     t.replay = install(t)
     assert t.replay is not None
@@ -80,6 +80,19 @@ def test_a_resumed_process_trains_exactly_the_rest_of_the_interrupted_pass(worke
     rest = new.epoch()
     assert trained + rest == permutation(SAMPLES, 3, 1)  # nothing twice, nothing skipped, same order
     assert len(new.train_loader) == 5 and sorted(new.epoch()) == list(range(SAMPLES))  # then whole epochs
+    new.train_loader.close()
+
+
+def test_an_unshuffled_loader_replays_in_index_order() -> None:
+    """rect=True training: no shuffle, and a resume still skips exactly the batches trained."""
+    old = trainer(2, shuffle=False)
+    assert old.epoch(stop_after=3) == list(range(3 * BATCH))
+    pos = Position.from_json(old.replay.position().to_json())
+    assert pos.order == SEQUENTIAL and pos.done == 3
+    old.train_loader.close()
+    new = trainer(2, shuffle=False)
+    new.replay.resume_at(pos)
+    assert new.epoch() == list(range(3 * BATCH, SAMPLES))
     new.train_loader.close()
 
 
