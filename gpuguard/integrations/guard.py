@@ -143,15 +143,14 @@ class TrainerGuard:
         checkpoint_signal: signal.Signals = signal.SIGUSR1,
         heartbeat: Heartbeat | None = None,
         checkpoint_file: Path | None = None,
-        resume_position: Position | None = None,
-        save_every_s: float = 0.0,
     ) -> None:
         self.checkpoint_signal = checkpoint_signal
         self.heartbeat = heartbeat
         self.checkpoint_file = checkpoint_file
-        self.resume_position = resume_position  # from the checkpoint this process resumes
-        self.first_epoch_state: Path | None = None  # a checkpoint of a first epoch, whose training state to load
-        self.save_every_s = save_every_s  # periodic mid-epoch checkpoints; 0: only on request and at epoch ends
+        # set by gpuguard-yolo once it has read its arguments and the checkpoint it resumes
+        self.resume_position: Position | None = None  # where in its epoch that checkpoint stood
+        self.first_epoch_state: Path | None = None  # a first epoch's checkpoint, whose training state to load
+        self.save_every_s = 0.0  # periodic mid-epoch checkpoints; 0: only on request and at epoch ends
         self._last_save = time.monotonic()
         self._saved_at: Position | None = None  # the last periodic checkpoint's position
         self.requested = False

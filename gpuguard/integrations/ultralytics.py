@@ -7,8 +7,9 @@
 job managed by gpuguard needs (see guard.py): checkpoint-and-exit-75 on the
 checkpoint signal, a heartbeat, atomic checkpoint writes, a mid-epoch
 checkpoint every --save-every-s seconds, resume from GPUGUARD_RESUME_FROM
-(mid-epoch: the rest of the epoch, in the same order). Exit codes: 0 trained (or nothing left to train),
-75 checkpoint saved (restart me), 2 bad arguments, 1 anything else.
+(mid-epoch: the rest of the epoch, in the same order). Exit codes: 0 trained
+(or nothing left to train), 75 checkpoint saved (restart me), 2 bad
+arguments, 1 anything else.
 
 Environment is set up before ultralytics is imported, because ultralytics
 reads it at import time (offline mode, config dir).

@@ -859,7 +859,7 @@ class Supervisor:
         ours = {p for j in self.jobs.values() if j.proc is not None for p in j.proc._known} | {
             j.pid for j in self.jobs.values() if j.pid
         }
-        jobs_config = self.daemon.config.jobs  # the live config: SIGHUP applies these keys
+        jobs_config = self.config.jobs
         sig = signal.Signals[jobs_config.checkpoint_signal]
         never = frozenset(jobs_config.foreign_never_signal)
         for uuid, track in monitor.tracks.items():
