@@ -122,7 +122,9 @@ def test_xid_79_stops_the_whole_tree_and_resumes_from_rank_0(ddp: DdpSetup) -> N
 
     job = next(j for j in d.status()["jobs"] if j["name"] == "ddp")
     assert job["attempt"] == 2 and job["gpus"] == [gpu1] and job["restarts"] == 1
-    assert job["exit_code"] == 1  # torchrun ends 1 however its workers exited; 75 cannot come through
+    # torchrun ends 1 however its workers exited (or, now and then, aborts in its own teardown:
+    # seen once on a CI run as -6); 75 cannot come through, and gpuguard restarts it all the same
+    assert job["exit_code"] in (1, -signal.SIGABRT)
     kinds = [e["kind"] for e in json.loads(d.ctl("events", "--json", "--job", "ddp").stdout)]
     assert "checkpoint_requested" in kinds and "job_crashed" not in kinds
     assert d.gpu(0)["state"] == "excluded" and gpu0 not in job["gpus"]
