@@ -11,7 +11,8 @@
    job, and the run must resume and complete;
 5. a short table last. Logs go under $OUT when it is set.
 
-Usage: python bench/gpu_check.py [--simulate N] [--polls 100]
+Usage: bench/gpu_check.sh [--simulate N] [--polls 100]   (installs this tree first; see there)
+       python bench/gpu_check.py [--simulate N] [--polls 100]   (the gpuguard installed beside python)
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def probe(backend: Backend, polls: int, report: dict[str, Any]) -> None:
 
 def daemon_check(simulate: int | None, tmp: Path, out: Path, report: dict[str, Any]) -> None:
     """gpuguardd on this backend with the reset command in dry-run."""
-    bindir = Path(sys.executable).parent
+    bindir = Path(os.environ.get("GPUGUARD_BIN") or Path(sys.executable).parent)  # gpu_check.sh's install
+    report["bin"] = str(bindir)
     config = tmp / "config.toml"
     config.write_text(
         "[monitor]\npoll_interval_s = 1.0\nhang_timeout_s = 5.0\n"
