@@ -181,7 +181,7 @@ class Supervisor:
         self.lock = threading.RLock()
         self.hangs: dict[str, int] = {}  # GPU uuid -> hangs seen on it
         self.probation: dict[str, float] = {}  # GPU uuid -> when it may return to the pool
-        self.foreign_judged: set[tuple[str, int]] = set()  # (GPU uuid, pid): each foreign holder once
+        self.foreign_judged: set[tuple[str, int]] = set()  # (GPU uuid, pid): each foreign holder once per fault
         self.subreaper = False
 
     @property
@@ -862,10 +862,15 @@ class Supervisor:
         jobs_config = self.config.jobs
         sig = signal.Signals[jobs_config.checkpoint_signal]
         never = frozenset(jobs_config.foreign_never_signal)
-        for uuid, track in monitor.tracks.items():
-            if track.verdict is None or track.verdict.state != GpuState.FAULTED or track.snapshot is None:
-                continue
-            for p in track.snapshot.processes:
+        faulted = {
+            uuid: (track, track.snapshot)
+            for uuid, track in monitor.tracks.items()
+            if track.verdict is not None and track.verdict.state == GpuState.FAULTED and track.snapshot is not None
+        }
+        # once per fault: a GPU that recovered and faults again asks its holders again
+        self.foreign_judged = {(uuid, pid) for uuid, pid in self.foreign_judged if uuid in faulted}
+        for uuid, (track, snapshot) in faulted.items():
+            for p in snapshot.processes:
                 if p.pid in ours or p.pid == os.getpid() or (uuid, p.pid) in self.foreign_judged:
                     continue
                 if not psutil.pid_exists(p.pid):  # gone since the poll listed it

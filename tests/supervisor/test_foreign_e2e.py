@@ -119,3 +119,35 @@ def test_only_a_foreign_holder_that_handles_the_signal_gets_it(tmp_path: Path) -
             proc.wait()
         if d.proc is not None:
             d.stop()
+
+
+def test_a_foreign_holder_is_asked_again_when_its_gpu_faults_again(tmp_path: Path) -> None:
+    """Once per fault, not once ever: after a reset the same long-lived process gets the next request too."""
+    d = DaemonProc(tmp_path, gpus=1)
+    procs: list[subprocess.Popen[str]] = []
+    got = tmp_path / "got"
+    code = (
+        "import signal, time\n"
+        f"signal.signal(signal.SIGUSR1, lambda *a: open({str(got)!r}, 'a').write('SIGUSR1\\n'))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    try:
+        d.start()
+        holder = start(procs, code)
+        for round_ in (1, 2):
+            d.ctl("inject", "0", "attach", str(holder.pid))
+            d.wait_for(lambda s: [p["pid"] for p in s["gpus"][0]["processes"]] == [holder.pid], what="the holder listed")
+            d.ctl("inject", "0", "xid", "95")
+            wait_until(lambda: got.exists() and len(got.read_text().splitlines()) == round_, 10, f"signal {round_}")
+            d.ctl("inject", "0", "detach", str(holder.pid))  # nothing may hold a GPU being reset
+            d.ctl("reset", "0")
+            d.wait_for(lambda s: s["gpus"][0]["state"] == "healthy", what="GPU 0 healthy after its reset")
+        asked = [e for e in events(d) if e.get("pid") == holder.pid and e["kind"] == "checkpoint_requested"]
+        assert len(asked) == 2 and holder.poll() is None
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        if d.proc is not None:
+            d.stop()
