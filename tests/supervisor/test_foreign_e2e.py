@@ -10,10 +10,12 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 from daemon.conftest import DaemonProc, wait_until
 
@@ -31,6 +33,16 @@ def handler_code(flag: Path) -> str:
 
 
 PLAIN = "import time\nprint('ready', flush=True)\ntime.sleep(120)\n"  # SIGUSR1 keeps its default action: death
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    """The processes a test starts; killed afterwards (the test signals nothing else)."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        proc.kill()
+        proc.wait()
 
 
 def start(procs: list[subprocess.Popen[str]], code: str, argv0: str | None = None) -> subprocess.Popen[str]:
@@ -53,9 +65,8 @@ def about(d: DaemonProc, pid: int) -> dict[str, Any] | None:
     return found[0] if found else None
 
 
-def test_only_a_foreign_holder_that_handles_the_signal_gets_it(tmp_path: Path) -> None:
+def test_only_a_foreign_holder_that_handles_the_signal_gets_it(tmp_path: Path, procs: list[subprocess.Popen[str]]) -> None:
     d = DaemonProc(tmp_path, gpus=2, extra_config='[jobs]\nforeign_never_signal = ["nv-hostengine"]\n')
-    procs: list[subprocess.Popen[str]] = []
     try:
         d.start()
         # the list is live: a reload (SIGHUP) adds the agent's name before the fault
@@ -114,17 +125,13 @@ def test_only_a_foreign_holder_that_handles_the_signal_gets_it(tmp_path: Path) -
         assert all(about(d, pid) for pid in pids)
         assert handler.poll() is None and plain.poll() is None and agent.poll() is None
     finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
         if d.proc is not None:
             d.stop()
 
 
-def test_a_foreign_holder_is_asked_again_when_its_gpu_faults_again(tmp_path: Path) -> None:
+def test_a_foreign_holder_is_asked_again_when_its_gpu_faults_again(tmp_path: Path, procs: list[subprocess.Popen[str]]) -> None:
     """Once per fault, not once ever: after a reset the same long-lived process gets the next request too."""
     d = DaemonProc(tmp_path, gpus=1)
-    procs: list[subprocess.Popen[str]] = []
     got = tmp_path / "got"
     code = (
         "import signal, time\n"
@@ -146,8 +153,5 @@ def test_a_foreign_holder_is_asked_again_when_its_gpu_faults_again(tmp_path: Pat
         asked = [e for e in events(d) if e.get("pid") == holder.pid and e["kind"] == "checkpoint_requested"]
         assert len(asked) == 2 and holder.poll() is None
     finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
         if d.proc is not None:
             d.stop()
