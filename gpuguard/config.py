@@ -11,7 +11,6 @@ import difflib
 import json
 import math
 import os
-import re
 import signal
 import stat
 import string
@@ -21,6 +20,8 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from types import UnionType
 from typing import Any, NewType, TypeVar, get_args, get_origin, get_type_hints
+
+from gpuguard.contract import ENV_PREFIX, HOOK_PLACEHOLDERS, RESET_PLACEHOLDERS, valid_job_name
 
 DEFAULT_CONFIG_PATH = Path("/etc/gpuguard/config.toml")
 
@@ -122,7 +123,7 @@ class HooksConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class JobSpec:
+class JobEntry:
     """One `[[job]]` table: the blueprint of a managed job."""
 
     name: str
@@ -148,7 +149,7 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
-    job: tuple[JobSpec, ...] = ()
+    job: tuple[JobEntry, ...] = ()
     source: Path | None = None  # the file it came from; None for built-in defaults
 
 
@@ -167,13 +168,9 @@ class ConfigError(ValueError):
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "console", "json")
-RESET_PLACEHOLDERS = ("uuid", "index", "pci_bus_id")
-HOOK_PLACEHOLDERS = ("hostname", "reason", "gpus", "uuids", "state")
-JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # variables gpuguard sets for every job (CONTRACT.md); a [[job]] env cannot set them
 RESERVED_ENV = "CUDA_VISIBLE_DEVICES"
 YOLO_SAVE_EVERY = "save_every_s"  # in [[job]] yolo = {...}: gpuguard-yolo's --save-every-s, not a `yolo train` key
-RESERVED_ENV_PREFIX = "GPUGUARD_"
 # counts for which 0 makes no sense
 _AT_LEAST_ONE = frozenset({"gpus", "min_gpus", "snapshots_keep", "snapshots_max_bytes", "event_retention_max_rows"})
 
@@ -513,9 +510,9 @@ def _placeholder_problems(key: str, argv: tuple[str, ...], placeholders: tuple[s
             yield f"{key}[{i}]", f"unknown placeholder {{{unknown[0]}}} in {json.dumps(arg)}; allowed: {allowed}"
 
 
-def _job_problems(job: JobSpec, key: str, seen: dict[str, int]) -> Iterator[tuple[str, str]]:
+def _job_problems(job: JobEntry, key: str, seen: dict[str, int]) -> Iterator[tuple[str, str]]:
     """One [[job]]'s checks; `seen` maps the names of the jobs before it to their index."""
-    if not JOB_NAME.fullmatch(job.name):
+    if not valid_job_name(job.name):
         yield f"{key}.name", (
             f"{json.dumps(job.name)} is not a job name: 1 to 64 of A-Z a-z 0-9 _ . -, starting with a letter or digit"
         )
@@ -539,7 +536,7 @@ def _job_problems(job: JobSpec, key: str, seen: dict[str, int]) -> Iterator[tupl
     for name, _ in job.env:
         if not name or "=" in name or "\0" in name:
             yield f"{key}.env", f"{json.dumps(name)} is not an environment variable name"
-        elif name == RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIX):
+        elif name == RESERVED_ENV or name.startswith(ENV_PREFIX):
             yield f"{key}.env.{name}", "is set by gpuguard for every job and cannot be set here"
     if job.checkpoint is not None and not job.checkpoint.is_absolute() and job.workdir is None:
         yield f"{key}.checkpoint", f"the relative path {json.dumps(str(job.checkpoint))} needs a workdir to be relative to"

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gpuguard import contract
 from gpuguard.control.client import CommandFailed, DaemonUnreachable, request
 from gpuguard.control.commands import COMMANDS
 
@@ -158,7 +159,7 @@ def run_spec(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("run: --min-gpus must not exceed --gpus")
     workdir = os.path.abspath(args.workdir) if args.workdir else os.getcwd()
     checkpoint = os.path.normpath(os.path.join(workdir, args.checkpoint)) if args.checkpoint else None
-    env = {k: v for k, v in os.environ.items() if _handed_to_job(k)}
+    env = {k: v for k, v in os.environ.items() if contract.for_job(k)}
     return {
         "name": args.name,
         "command": command,
@@ -170,10 +171,6 @@ def run_spec(args: argparse.Namespace) -> dict[str, Any]:
         "env": env,
     }
 
-
-def _handed_to_job(name: str) -> bool:
-    """Not systemd's notify/watchdog variables nor our socket: they belong to this shell's manager."""
-    return name not in ("NOTIFY_SOCKET", "GPUGUARD_SOCKET") and not name.startswith("WATCHDOG_")
 
 
 # --- output ---------------------------------------------------------------

@@ -38,6 +38,3 @@ def watchdog_interval_s() -> float | None:
     except ValueError:
         return None
 
-
-# Never pass these on to the jobs gpuguard starts (sd_notify(3)).
-SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")

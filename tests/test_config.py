@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gpuguard import config as config_module
-from gpuguard.config import Config, ConfigError, DaemonConfig, JobSpec, load, with_overrides
+from gpuguard.config import Config, ConfigError, DaemonConfig, JobEntry, load, with_overrides
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 JOB_MARKER = "# [[job]]\n"
@@ -249,7 +249,7 @@ def test_jobs_are_parsed_with_env_user_and_min_gpus(tmp_path: Path) -> None:
         )
     )
     first, second = config.job
-    assert first == JobSpec(
+    assert first == JobEntry(
         name="yolo-coco",
         command=("python", "train.py", "--resume"),
         workdir=Path("/srv/train"),
@@ -260,7 +260,7 @@ def test_jobs_are_parsed_with_env_user_and_min_gpus(tmp_path: Path) -> None:
         checkpoint=Path("runs/last.pt"),
         max_restarts=0,
     )
-    assert second == JobSpec(name="eval.1", command=("eval",), checkpoint=Path("/ckpt/last.pt"))
+    assert second == JobEntry(name="eval.1", command=("eval",), checkpoint=Path("/ckpt/last.pt"))
 
 
 def test_env_may_be_a_sub_table(tmp_path: Path) -> None:
@@ -352,5 +352,5 @@ def test_the_example_job_uncommented_is_valid_and_sets_every_field(tmp_path: Pat
     )
     config = load(write(tmp_path, head + uncommented))
     assert len(config.job) == len(jobs) >= 2
-    for f in dataclasses.fields(JobSpec):
+    for f in dataclasses.fields(JobEntry):
         assert any(getattr(spec, f.name) != f.default for spec in config.job), f"no example [[job]] sets {f.name}"

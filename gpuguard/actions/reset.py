@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 from gpuguard.nvml.types import GpuInfo
 
-PLACEHOLDERS = ("uuid", "index", "pci_bus_id")
-
 
 @dataclass(frozen=True, slots=True)
 class ResetResult:

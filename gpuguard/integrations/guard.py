@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpuguard.contract import EX_TEMPFAIL
 from gpuguard.integrations.atomic import replacing, temp_path, write_bytes_atomic
 from gpuguard.integrations.replay import RESUME_KEY, Position, ReplaySampler, install
 
-EX_TEMPFAIL = 75  # "I saved a checkpoint, restart me" (CONTRACT.md)
 
 log = logging.getLogger("gpuguard.yolo")
 

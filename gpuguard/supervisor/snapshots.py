@@ -27,11 +27,11 @@ from typing import Any
 
 import structlog
 
+from gpuguard.contract import valid_job_name
 from gpuguard.supervisor.checkpoints import CHUNK, CheckpointCheck, validate, validate_fd
 
 log = structlog.get_logger(__name__)
 
-JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SNAPSHOT_ID = re.compile(r"^\d{8}T\d{6}Z-(\d{6,})-[0-9a-f]{8}$")
 _TMP_PREFIX = ".tmp-"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -78,7 +78,7 @@ class AddResult:
 
 def check_job_name(job: str) -> str:
     """Refuse a name that could escape the ring's root (`..`, `/`, empty)."""
-    if not JOB_NAME.match(job):
+    if not valid_job_name(job):
         raise ValueError(f"invalid job name {job!r}: letters, digits, '_', '.', '-'; at most 64")
     return job
 
@@ -319,7 +319,7 @@ class SnapshotRing:
     def _clean_leftovers(self) -> None:
         """Remove temp files and sidecars without a snapshot, left by a crash."""
         for jobdir in self.root.iterdir():
-            if not jobdir.is_dir() or jobdir.is_symlink() or not JOB_NAME.match(jobdir.name):
+            if not jobdir.is_dir() or jobdir.is_symlink() or not valid_job_name(jobdir.name):
                 continue
             for entry in jobdir.iterdir():
                 orphan = entry.suffix == ".json" and not entry.with_suffix(".pt").exists()

@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import structlog
 
-from gpuguard import sdnotify
-from gpuguard.config import YOLO_SAVE_EVERY, JobSpec
+from gpuguard import contract
+from gpuguard.config import YOLO_SAVE_EVERY, JobEntry
 from gpuguard.events import Event, EventKind
 from gpuguard.health import xid as xid_catalog
 from gpuguard.health.types import Action, GpuState, Severity
 from gpuguard.supervisor import exitcode, foreign
 from gpuguard.supervisor.policy import Decision, GpuView, Reaction, app_xid_key, backoff_s, decide
 from gpuguard.supervisor.process import JobProcess, StopResult, UserSpec, adopt, become_subreaper, spawn
-from gpuguard.supervisor.snapshots import JOB_NAME, SnapshotRing
+from gpuguard.supervisor.snapshots import SnapshotRing
 from gpuguard.supervisor.states import ACTIVE, FINAL, JobEvent, JobState, transition
 from gpuguard.supervisor.watch import CheckpointWatcher
 
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gpuguard.supervisor")
 
-EX_TEMPFAIL = 75  # "I saved a checkpoint, restart me": never a crash
 HANG_GRACE_S = 10.0  # a hung trainer gets this long (at most) to checkpoint
 HANG_TERM_S = 2.0  # ... and this long (at most) after SIGTERM: a hung process rarely acts on it
 HANGS_TO_EXCLUDE = 2  # hangs on the same GPU before it leaves the pool
@@ -240,7 +239,7 @@ class Supervisor:
             job.state = JobState.RUNNING
             self._on_exit(job, code, note)
 
-    def _from_spec(self, spec: JobSpec) -> Job:
+    def _from_spec(self, spec: JobEntry) -> Job:
         user = UserSpec.lookup(spec.user) if spec.user else None
         workdir = spec.workdir or Path("/")
         checkpoint = spec.checkpoint
@@ -282,7 +281,7 @@ class Supervisor:
     def submit(self, spec: Mapping[str, Any], uid: int, gid: int, groups: tuple[int, ...]) -> Job:
         """`gpuguardctl run`: the command runs as the caller (root only if root asked)."""
         name = str(spec.get("name") or "")
-        if not JOB_NAME.match(name):
+        if not contract.valid_job_name(name):
             raise JobError(f"bad job name {name!r}: letters, digits, '_', '.', '-', at most 64", "bad_request")
         command = spec.get("command") or []
         if not command or not all(isinstance(a, str) for a in command):
@@ -626,7 +625,7 @@ class Supervisor:
             job.reason = None
             self._release(job)
             self._event(job, "job_succeeded", Severity.INFO, f"job {job.name} succeeded after {job.attempt} attempt(s){where}")
-        elif code == EX_TEMPFAIL:
+        elif code == contract.EX_TEMPFAIL:
             job.state = transition(job.state, JobEvent.EXITED_RESTART)
             job.restarts += 1
             self._event(job, "job_stopping_done", Severity.INFO, f"job {job.name} saved a checkpoint and asked for a restart (exit 75){where}")
@@ -754,7 +753,7 @@ class Supervisor:
         return str(snap.path) if snap else None
 
     def _job_env(self, job: Job, resume: str | None, runtime: Path) -> dict[str, str]:
-        env = {k: v for k, v in job.env.items() if k not in sdnotify.SYSTEMD_ENV and not k.startswith("GPUGUARD_")}
+        env = {k: v for k, v in job.env.items() if contract.for_job(k)}
         env |= {
             "CUDA_VISIBLE_DEVICES": ",".join(job.gpus),
             "GPUGUARD_JOB": job.name,
