@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuguard import config as config_module
-from gpuguard.config import Config, ConfigError, DaemonConfig, JobEntry, load, with_overrides
+from gpuguard.config import Config, ConfigError, DaemonConfig, JobEntry, load, loading, with_overrides
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 JOB_MARKER = "# [[job]]\n"
@@ -33,13 +32,13 @@ def error(tmp_path: Path, text: str) -> ConfigError:
 
 
 def test_missing_default_file_means_built_in_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    monkeypatch.setattr(loading, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
     assert load() == Config() and load().source is None
 
 
 def test_an_existing_default_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, "[monitor]\npoll_interval_s = 2.5\n")
-    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", path)
+    monkeypatch.setattr(loading, "DEFAULT_CONFIG_PATH", path)
     config = load()
     assert config.monitor.poll_interval_s == 2.5 and config.source == path
 

@@ -14,8 +14,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpuguard import config as config_module
-from gpuguard.config import Config, ConfigError, load
+from gpuguard.config import Config, ConfigError, load, schema
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -24,7 +23,7 @@ def _field_names() -> tuple[list[str], list[str]]:
     """The section names and every key name the loader knows, so documents reach the value checks."""
     sections = [f.name for f in fields(Config) if f.name != "source"]
     keys = sorted(
-        {f.name for obj in vars(config_module).values() if isinstance(obj, type) and is_dataclass(obj) for f in fields(obj)}
+        {f.name for obj in vars(schema).values() if isinstance(obj, type) and is_dataclass(obj) for f in fields(obj)}
     )
     return sections, keys
 

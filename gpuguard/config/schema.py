@@ -1,0 +1,144 @@
+"""The config's shape: frozen dataclasses with every key's default, and the
+constants that name fixed values (`config.example.toml` documents each key).
+
+The field types here drive the loader, so a field's hint is also its TOML type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NewType
+
+# permission bits; the file may say "0660" (as chmod does) or the TOML octal 0o660
+FileMode = NewType("FileMode", int)
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    socket: Path = Path("/run/gpuguard/gpuguard.sock")
+    state_dir: Path = Path("/var/lib/gpuguard")
+    # members of this group (and root) may use changing commands; the socket's group
+    admin_group: str = "gpuguard"
+    # the control socket's permission bits; 0o666 lets every user run read-only commands
+    socket_mode: FileMode = FileMode(0o660)
+    log_level: str = "info"  # debug | info | warning | error
+    log_format: str = "auto"  # auto (console on a TTY, JSON otherwise) | console | json
+    event_retention_days: float = 90.0
+    event_retention_max_rows: int = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorConfig:
+    poll_interval_s: float = 1.0
+    hang_timeout_s: float = 300.0  # no progress and an idle GPU this long = hang
+    # until an attempt's first heartbeat or checkpoint (start-up: imports, data, CUDA init)
+    hang_startup_timeout_s: float = 600.0
+    hang_idle_util_pct: int = 5  # at or below this utilisation a GPU counts as idle
+    nvml_timeout_s: float = 2.0  # deadline for one poll of all GPUs
+    kernel_log: Path = Path("/dev/kmsg")
+    nvml_events: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    temperature_degraded_c: int = 87
+    temperature_faulted_c: int = 95
+    # corrected (single-bit) ECC errors per hour, from the volatile counter
+    ecc_corrected_rate_degraded_per_h: float = 100.0
+    retired_pages_degraded: int = 48  # SBE + DBE retired pages
+    hw_slowdown_degraded_s: float = 60.0  # HW slowdown/power brake held this long
+    restart_app_window_s: float = 120.0  # how long a restart-the-app Xid stays active
+
+
+@dataclass(frozen=True, slots=True)
+class ResetConfig:
+    # argv; {uuid}, {index} and {pci_bus_id} are replaced, never through a shell
+    command: tuple[str, ...] = ("nvidia-smi", "--gpu-reset", "-i", "{uuid}")
+    timeout_s: float = 120.0
+    max_per_gpu_per_day: int = 3
+    probation_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class JobsConfig:
+    checkpoint_signal: str = "SIGUSR1"
+    checkpoint_grace_s: float = 60.0
+    stop_timeout_s: float = 30.0
+    max_restarts: int = 10
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 300.0
+    stable_after_s: float = 600.0  # a run this long resets the crash backoff
+    migrate_on_degraded: bool = True
+    snapshots_keep: int = 5
+    snapshots_max_bytes: int = 20 * 1024**3
+    # processes gpuguard did not start that are never sent the checkpoint signal,
+    # by process name (or basename of the executable or argv[0]); others get it
+    # only when they handle it (/proc/PID/status SigCgt)
+    foreign_never_signal: tuple[str, ...] = (
+        "nv-hostengine",
+        "dcgm-exporter",
+        "dcgmi",
+        "nvidia-persistenced",
+        "nvidia-smi",
+        "nvidia-fabricmanager",
+        "nv-fabricmanager",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Prometheus exposition; off by default and bound to localhost when on."""
+
+    enabled: bool = False
+    address: str = "127.0.0.1"
+    port: int = 9402
+
+
+@dataclass(frozen=True, slots=True)
+class HooksConfig:
+    """Commands run when the node turns unhealthy or recovers: argv lists
+    with placeholders ({hostname}, {reason}, {gpus}, {uuids}, {state}), never a shell string."""
+
+    on_unhealthy: tuple[str, ...] = ()
+    on_recovered: tuple[str, ...] = ()
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class JobEntry:
+    """One `[[job]]` table: the blueprint of a managed job."""
+
+    name: str
+    command: tuple[str, ...] = ()
+    # instead of a command: `gpuguard-yolo train` with these arguments (KEY = value);
+    # save_every_s among them is gpuguard-yolo's own --save-every-s
+    yolo: tuple[tuple[str, str], ...] = ()
+    workdir: Path | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    user: str | None = None
+    gpus: int = 1
+    min_gpus: int | None = None
+    checkpoint: Path | None = None
+    max_restarts: int | None = None  # None: [jobs] max_restarts
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    reset: ResetConfig = field(default_factory=ResetConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
+    job: tuple[JobEntry, ...] = ()
+    source: Path | None = None  # the file it came from; None for built-in defaults
+
+
+# the values daemon.log_level and daemon.log_format may take
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "console", "json")
+# variables gpuguard sets for every job (CONTRACT.md); a [[job]] env cannot set them
+RESERVED_ENV = "CUDA_VISIBLE_DEVICES"
+YOLO_SAVE_EVERY = "save_every_s"  # in [[job]] yolo = {...}: gpuguard-yolo's --save-every-s, not a `yolo train` key
