@@ -7,6 +7,22 @@ from typing import Literal, Protocol
 from gpuguard.nvml.types import DriverInfo, GpuInfo, GpuSnapshot, NvmlEvent
 
 
+class Simulator(Protocol):
+    """What only simulated GPUs can do: faults on request, holders set by hand,
+    a reset done in-process."""
+
+    def inject(self, index: int, fault: str, value: str | None = None) -> str:
+        """Inject a fault; ValueError names what is wrong with the request."""
+
+    def attach(self, uuid: str, pid: int) -> None:
+        """Show pid as a process on the GPU."""
+
+    def detach(self, uuid: str, pid: int) -> None:
+        """Stop showing pid on the GPU (ValueError when it was not shown)."""
+
+    def reset(self, index: int) -> tuple[bool, str]: ...
+
+
 class Backend(Protocol):
     """What the daemon needs from a GPU backend.
 
@@ -15,6 +31,7 @@ class Backend(Protocol):
     """
 
     kind: Literal["nvml", "simulated"]
+    simulator: Simulator | None  # the simulator's extra powers; None on real GPUs
 
     def open(self) -> None:
         """Initialise (nvmlInit). Raises `BackendUnavailable` when no driver is there."""

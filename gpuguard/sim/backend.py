@@ -50,6 +50,11 @@ class SimulatedBackend:
         self._event_ready = threading.Condition()
 
     # --- Backend protocol ------------------------------------------------
+    @property
+    def simulator(self) -> SimulatedBackend:
+        """Simulated GPUs take injected faults, hand-set holders and in-process resets."""
+        return self
+
     def open(self) -> None:
         """Nothing to load: the simulated driver is always there."""
 
