@@ -26,6 +26,7 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _DATA_PKL = re.compile(r"^(?:[^/]+/)?data\.pkl$")
 # torch stores members uncompressed; a much larger total means a zip bomb, not a checkpoint
 _MAX_INFLATION = 16
+_ENCRYPTED = 0x1  # general purpose flag bit 0 (APPNOTE 4.4.4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +96,48 @@ def validate_fd(fd: int) -> CheckpointCheck:
     return CheckpointCheck(True, "ok", size, mtime, digest)
 
 
+def verify_fd(fd: int, *, size: int, sha256: str) -> str | None:
+    """Why the file open at `fd` is no longer the checkpoint recorded as `size`
+    bytes with `sha256`; None when it still is.
+
+    For a copy validated earlier (a snapshot). The size costs nothing; the
+    digest comes before the zip check so a changed byte is named as such, not
+    as the CRC error it also causes; the zip check then still catches a record
+    that never described a complete checkpoint (a sidecar written by hand or
+    fetched from elsewhere with the file it describes).
+    """
+    try:
+        before = os.fstat(fd)
+    except OSError as exc:
+        return f"cannot stat: {exc.strerror or exc}"
+    if not stat.S_ISREG(before.st_mode):
+        return "not a regular file"
+    if problem := size_problem(before.st_size, size):
+        return problem
+    try:
+        digest = _sha256(fd, size)
+        if digest != sha256:
+            return f"sha256 mismatch (recorded {sha256[:12]}.., now {digest[:12]}..)"
+        _check_zip(fd, size)
+        after = os.fstat(fd)
+    except _Reject as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"read error: {exc.strerror or exc}"
+    if (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns):
+        return "changed while validating"
+    return None
+
+
+def size_problem(actual: int, recorded: int) -> str | None:
+    """The wording for a file whose size is not the recorded one; None when it is."""
+    if actual < recorded:
+        return f"truncated: {actual} of {recorded} bytes"
+    if actual > recorded:
+        return f"grown: {actual} bytes, {recorded} recorded"
+    return None
+
+
 def _bad(reason: str) -> CheckpointCheck:
     return CheckpointCheck(False, reason, 0, 0.0, None)
 
@@ -150,7 +193,11 @@ def _check_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> None:
     """Read one member to its end; zipfile raises BadZipFile on a CRC mismatch.
 
     Directory entries are read too: a name cut short by a NUL (zipfile stops
-    names there) can make a data member look like a directory."""
+    names there) can make a data member look like a directory. An encryption
+    flag is refused first: zipfile would raise RuntimeError asking for a
+    password (torch never encrypts, so the flag is a corrupt byte)."""
+    if member.flag_bits & _ENCRYPTED:
+        raise _Reject(f"member {member.filename!r} flagged as encrypted: not a torch checkpoint")
     with archive.open(member) as stream:
         while stream.read(CHUNK):
             pass

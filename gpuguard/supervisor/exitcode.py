@@ -1,16 +1,23 @@
 """The wrapper every managed job runs under, so a restarted daemon can learn how it ended.
 
-`python -I -S exitcode.py STATUS_FILE [--user UID GID GROUPS] -- ARGV...` runs
-ARGV as its child, forwards every catchable signal to it, and when it ends
-writes its exit status (the code, or -N for death by signal N, as subprocess
-reports it) to STATUS_FILE atomically, then exits the same way (re-raising the
-signal). A daemon that adopts the job after its own restart is not the job's
-parent and cannot waitpid() it; the file is the only place the status
-survives. The wrapper drops to the job's user itself (it stays with the
-daemon's ids so it can always write STATUS_FILE; the job cannot forge it).
+`python -I -S exitcode.py STATUS_FILE ENV_FD REPORT_FD WORKDIR [--user UID GID GROUPS] -- ARGV...`
+runs ARGV as its child, forwards every catchable signal to it, and when it
+ends writes its exit status (the code, or -N for death by signal N, as
+subprocess reports it) to STATUS_FILE atomically, then exits the same way
+(re-raising the signal). A daemon that adopts the job after its own restart
+is not the job's parent and cannot waitpid() it; the file is the only place
+the status survives. The wrapper keeps the daemon's ids so it can always write
+STATUS_FILE (the job cannot forge it); only its child takes the job's ids.
 
-Stdlib only and run by path with -I -S: the job's PYTHONPATH, cwd or user
-must not change how the wrapper itself starts.
+So nothing the job's caller chose may steer the wrapper: it is started from a
+fixed environment, in "/", by path with -I -S, and reads the job's
+environment from ENV_FD as data for the child's execve. The child enters
+WORKDIR and the command is looked up on the job's PATH only after the child
+has taken the job's ids. A job that cannot start that way (STATUS
+START_FAILED) has its reason written to REPORT_FD, which spawn() reads, and to
+the log; REPORT_FD closes without a word once the job has exec'd.
+
+Stdlib only, and light to import: spawn() waits for this start.
 """
 
 from __future__ import annotations
@@ -47,12 +54,26 @@ FORWARDED: frozenset[int] = frozenset(int(s) for s in signal.valid_signals() if 
 # new session, never seen by the daemon, can still be traced back to its job.
 MARKER = "GPUGUARD_WRAPPER_PID"
 
+START_FAILED = 127  # the status of a job that never got as far as exec, as a shell has it
+_USAGE = "usage: exitcode.py STATUS_FILE ENV_FD REPORT_FD WORKDIR [--user UID GID GROUPS] -- ARGV..."
+
 
 def write_status(path: Path, returncode: int) -> None:
     """Write the status via a temp file and rename, so a reader sees all of it or nothing."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(f"{returncode}\n")
     os.replace(tmp, path)
+
+
+def format_report(errno: int, reason: str) -> bytes:
+    """A failed start as REPORT_FD carries it: the errno, a space, the reason."""
+    return f"{errno} {reason}".encode("utf-8", "backslashreplace")
+
+
+def parse_report(report: bytes) -> OSError:
+    """The error a wrapper reported; OSError picks the subclass by errno (FileNotFoundError, ...)."""
+    errno, _, reason = report.decode("utf-8", "replace").partition(" ")
+    return OSError(int(errno), reason)
 
 
 def read_status(path: Path) -> int | None:
@@ -85,20 +106,49 @@ class _Forwarder:
             self(self.pending.pop(0), None)
 
 
-def _parse(args: list[str]) -> tuple[Path, tuple[int, int, list[int]] | None, list[str]]:
-    if "--" not in args or args.index("--") < 1:
-        raise SystemExit("usage: exitcode.py STATUS_FILE [--user UID GID GROUPS] -- ARGV...")
+def _parse(args: list[str]) -> tuple[Path, int, int, str, tuple[int, int, list[int]] | None, list[str]]:
+    if "--" not in args:
+        raise SystemExit(_USAGE)
     sep = args.index("--")
     head, argv = args[:sep], args[sep + 1 :]
     if not argv:
         raise SystemExit("exitcode.py: no command after --")
     user = None
-    if len(head) == 5 and head[1] == "--user":
-        groups = [int(g) for g in head[4].split(",") if g]
-        user = (int(head[2]), int(head[3]), groups)
-    elif len(head) != 1:
-        raise SystemExit("exitcode.py: expected STATUS_FILE [--user UID GID GROUPS]")
-    return Path(head[0]), user, argv
+    if len(head) == 8 and head[4] == "--user":
+        user = (int(head[5]), int(head[6]), [int(g) for g in head[7].split(",") if g])
+    elif len(head) != 4:
+        raise SystemExit(_USAGE)
+    return Path(head[0]), int(head[1]), int(head[2]), head[3], user, argv
+
+
+def _read_env(fd: int) -> dict[str, str]:
+    """The job's environment (NUL-separated KEY=VALUE): data for the child's execve, never this process's own."""
+    with open(fd, "rb") as f:
+        data = f.read()
+    env = {}
+    for entry in data.split(b"\0"):
+        if entry:
+            key, _, value = entry.partition(b"=")
+            env[os.fsdecode(key)] = os.fsdecode(value)
+    return env
+
+
+def _report(fd: int, errno: int, reason: str) -> None:
+    """Tell the job's log and the waiting spawn() why the job could not start."""
+    os.write(2, f"gpuguard: cannot start: {reason}\n".encode("utf-8", "backslashreplace"))
+    try:
+        os.write(fd, format_report(errno, reason))
+    except OSError:  # spawn() stopped waiting: the status file and the log still tell
+        pass
+
+
+def _enter(workdir: str, report_fd: int) -> None:
+    """Run in the child after it took the job's ids, before exec: the workdir is entered as the job's user."""
+    try:
+        os.chdir(workdir)
+    except OSError as exc:
+        _report(report_fd, exc.errno or 0, f"working directory {workdir!r} as uid {os.getuid()}: {exc.strerror}")
+        os._exit(START_FAILED)
 
 
 def _exit_like(returncode: int) -> None:
@@ -114,20 +164,23 @@ def _exit_like(returncode: int) -> None:
 
 
 def main(args: list[str]) -> None:
-    status_path, user, argv = _parse(args)
+    status_path, env_fd, report_fd, workdir, user, argv = _parse(args)
+    env = {**_read_env(env_fd), MARKER: str(os.getpid())}
+    os.set_inheritable(report_fd, False)  # the job's exec closes it: that is how spawn() learns it started
     forward = _Forwarder()
     for sig in FORWARDED:
         signal.signal(sig, forward)
-    opts: dict[str, object] = {"env": {**os.environ, MARKER: str(os.getpid())}}
+    opts: dict[str, object] = {"env": env, "preexec_fn": lambda: _enter(workdir, report_fd)}
     if user is not None:
         uid, gid, groups = user
         opts |= {"user": uid, "group": gid, "extra_groups": groups, "umask": 0o022}
     try:
         child = subprocess.Popen(argv, **opts)  # type: ignore[call-overload]
-    except OSError as exc:
-        print(f"gpuguard: cannot start {argv[0]!r}: {exc}", file=sys.stderr, flush=True)
-        write_status(status_path, 127)
-        sys.exit(127)
+    except OSError as exc:  # exec failed in the child, as the job's user
+        _report(report_fd, exc.errno or 0, f"command {argv[0]!r}: {exc.strerror}")
+        write_status(status_path, START_FAILED)
+        sys.exit(START_FAILED)
+    os.close(report_fd)
     forward.started(child)
     returncode = child.wait()
     write_status(status_path, returncode)

@@ -5,22 +5,23 @@ copies that passed validation twice (the source, then the copy, since the
 source can change during the copy), renamed into place only when complete.
 Layout: `root/<job>/<UTC time>-<seq>-<sha8>.pt` plus a `.json` sidecar with
 the same stem. A crash leaves at most a `.tmp-*` file or a sidecar without
-its snapshot; both are cleaned when the ring is opened.
+its snapshot; both are cleaned when the ring is opened. A snapshot is checked
+again against its sidecar (size, sha256, zip) each time it is handed out to
+resume or roll back from (`snapshot_check.py`); retention is `retention.py`.
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import re
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,10 @@ from typing import Any
 import structlog
 
 from gpuguard.contract import valid_job_name
-from gpuguard.supervisor.checkpoints import CHUNK, CheckpointCheck, validate, validate_fd
+from gpuguard.supervisor.checkpoints import CheckpointCheck, validate_fd
+from gpuguard.supervisor.retention import select_retained
+from gpuguard.supervisor.snapshot_check import OK, SnapshotChecks
+from gpuguard.supervisor.snapshot_files import SourceRefused, copy_validated, fsync_dir, open_source, write_synced
 
 log = structlog.get_logger(__name__)
 
@@ -49,10 +53,18 @@ class Snapshot:
     mtime: float = 0.0  # the source's mtime, also set on the copy
     validated_at: float = 0.0
     seq: int = 0
+    # OK, or why the file no longer matches its record; None: not fully checked since it
+    # last changed. An observation of the file, not part of the snapshot's identity.
+    verdict: str | None = field(default=None, compare=False)
+
+    @property
+    def valid(self) -> bool | None:
+        """True or False once checked, None when not known (see `verdict`)."""
+        return None if self.verdict is None else self.verdict == OK
 
     def to_json(self) -> dict[str, Any]:
-        """The form `gpuguardctl snapshots --json` shows."""
-        return {
+        """The form `gpuguardctl snapshots --json` shows; `problem` only on a broken one."""
+        out: dict[str, Any] = {
             "id": self.id,
             "path": str(self.path),
             "size": self.size,
@@ -60,7 +72,25 @@ class Snapshot:
             "sha256": self.sha256,
             "source": self.source,
             "meta": dict(self.meta),
+            "valid": self.valid,
         }
+        if self.valid is False:
+            out["problem"] = self.verdict
+        return out
+
+
+class SnapshotCorrupt(ValueError):
+    """A snapshot exists but is not the file that was recorded (truncated, changed, ...)."""
+
+    def __init__(self, job: str, snapshot: Snapshot, reason: str) -> None:
+        super().__init__(f"snapshot {snapshot.id} of job {job}: {reason}")
+        self.job = job
+        self.snapshot = snapshot
+        self.reason = reason
+
+
+# on_corrupt(snapshot, reason): told of each broken snapshot skipped on the way to a valid one
+OnCorrupt = Callable[[Snapshot, str], None]
 
 
 # for annotations inside SnapshotRing, whose `list` method shadows the builtin there
@@ -83,40 +113,6 @@ def check_job_name(job: str) -> str:
     return job
 
 
-def band(age_s: float) -> int:
-    """Exponential age band: 0 under an hour, then k+1 for [2^k, 2^(k+1)) hours."""
-    hours = age_s / 3600.0
-    return 0 if hours < 1.0 else int(math.floor(math.log2(hours))) + 1
-
-
-def select_retained(
-    snapshots: Sequence[Snapshot], *, now: float, keep_newest: int, max_bytes: int, protect: str | None
-) -> list[Snapshot]:
-    """Which snapshots (newest first in, newest first out) survive retention.
-
-    The newest `keep_newest`, then the oldest in each exponential age band
-    (so a kept one ages into the next band instead of being replaced), then
-    the oldest go until the total fits `max_bytes`. `protect` (the newest
-    valid one) is never dropped.
-    """
-    kept = list(snapshots[:keep_newest])
-    bands_taken: set[int] = set()
-    for snap in reversed(snapshots[keep_newest:]):  # oldest first
-        b = band(now - snap.created)
-        if b not in bands_taken or snap.id == protect:
-            bands_taken.add(b)
-            kept.append(snap)
-    kept.sort(key=lambda s: s.seq, reverse=True)
-    total = sum(s.size for s in kept)
-    for snap in reversed(list(kept)):
-        if total <= max_bytes:
-            break
-        if snap.id != protect:
-            kept.remove(snap)
-            total -= snap.size
-    return kept
-
-
 class SnapshotRing:
     """Validated copies of each job's checkpoint, with bounded retention."""
 
@@ -135,6 +131,7 @@ class SnapshotRing:
         self.max_bytes = max_bytes
         self._clock = clock
         self._lock = threading.Lock()
+        self._checks = SnapshotChecks()
         root.mkdir(parents=True, exist_ok=True)
         self._clean_leftovers()
 
@@ -153,20 +150,20 @@ class SnapshotRing:
         meta = dict(meta or {})
         json.dumps(meta)  # a meta that cannot be stored is the caller's bug: fail before any I/O
         try:
-            src_fd = _open_source(source, job_workdir)
-        except _Refused as exc:
+            src_fd = open_source(source, job_workdir)
+        except SourceRefused as exc:
             return self._refuse(job, source, str(exc))
         try:
             check = validate_fd(src_fd)
             if not check.ok:
                 return self._refuse(job, source, check.reason)
             newest = self.newest(job)
-            if newest is not None and newest.sha256 == check.sha256 and _still_valid(newest):
+            if newest is not None and newest.sha256 == check.sha256 and self._verify(newest) == OK:
                 return AddResult(newest, False, f"unchanged: same content as snapshot {newest.id}")
             tmp = jobdir / f"{_TMP_PREFIX}{uuid.uuid4().hex}.pt"
             try:
                 jobdir.mkdir(exist_ok=True)
-                copy = self._copy(src_fd, tmp)
+                copy = copy_validated(src_fd, tmp)
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
                 reason = "disk full" if exc.errno in _DISK_FULL else f"copy failed: {exc.strerror or exc}"
@@ -183,24 +180,6 @@ class SnapshotRing:
             reason = "disk full" if exc.errno in _DISK_FULL else f"commit failed: {exc.strerror or exc}"
             return self._refuse(job, source, reason)
 
-    def _copy(self, src_fd: int, tmp: Path) -> CheckpointCheck:
-        """Copy to `tmp` (the source's mode, owner and mtime), fsync, validate the copy.
-
-        The owner is kept so a job running as its own user can read the
-        snapshot it is resumed from.
-        """
-        src = os.fstat(src_fd)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, src.st_mode & 0o777)
-        try:
-            if os.geteuid() == 0:
-                os.fchown(fd, src.st_uid, src.st_gid)
-            _copy_fd(src_fd, fd)
-            os.fsync(fd)
-            os.utime(fd, ns=(src.st_atime_ns, src.st_mtime_ns))
-        finally:
-            os.close(fd)
-        return validate(tmp)
-
     def _commit(
         self, job: str, jobdir: Path, tmp: Path, copy: CheckpointCheck, source: Path, meta: dict[str, Any]
     ) -> AddResult:
@@ -208,7 +187,8 @@ class SnapshotRing:
         assert copy.sha256 is not None
         with self._lock:
             existing = self._list(job)
-            if existing and existing[0].sha256 == copy.sha256 and _still_valid(existing[0]):  # a concurrent add won
+            # a concurrent add won; only its remembered verdict is asked, no file is read under the lock
+            if existing and existing[0].sha256 == copy.sha256 and existing[0].verdict == OK:
                 tmp.unlink()
                 return AddResult(existing[0], False, f"unchanged: same content as snapshot {existing[0].id}")
             seq = existing[0].seq + 1 if existing else 1
@@ -227,13 +207,14 @@ class SnapshotRing:
             }
             side_tmp = jobdir / f"{_TMP_PREFIX}{uuid.uuid4().hex}.json"
             try:
-                _write_synced(side_tmp, json.dumps(sidecar, indent=1).encode())
+                write_synced(side_tmp, json.dumps(sidecar, indent=1).encode())
                 os.replace(side_tmp, jobdir / f"{snap_id}.json")
             finally:
                 side_tmp.unlink(missing_ok=True)
             os.replace(tmp, jobdir / f"{snap_id}.pt")
-            _fsync_dir(jobdir)
-            snap = _from_sidecar(jobdir, snap_id, sidecar)
+            fsync_dir(jobdir)
+            snap = _from_sidecar(jobdir, snap_id, sidecar, OK)
+            self._checks.trust(snap.path)
             self._retain(job, existing, snap)
         log.info("snapshot saved", job=job, snapshot=snap_id, size=copy.size, source=str(source))
         return AddResult(snap, True, "saved")
@@ -249,11 +230,12 @@ class SnapshotRing:
                 continue
             try:
                 _remove_snapshot(snap)
+                self._checks.forget(snap.path)
             except OSError as exc:  # the new snapshot is in place; pruning retries after the next add
                 log.warning("cannot prune snapshot", job=job, snapshot=snap.id, error=str(exc))
             else:
                 log.info("snapshot pruned", job=job, snapshot=snap.id)
-        _fsync_dir(self._jobdir(job))
+        fsync_dir(self._jobdir(job))
 
     def _refuse(self, job: str, source: Path, reason: str) -> AddResult:
         log.warning("checkpoint not snapshotted", job=job, source=str(source), reason=reason)
@@ -262,55 +244,103 @@ class SnapshotRing:
     # ---- reading ------------------------------------------------------------------
 
     def list(self, job: str) -> Snapshots:
-        """The job's snapshots, newest first."""
+        """The job's snapshots, newest first, each marked valid, broken or unknown.
+
+        Cheap enough for every status call: one stat per snapshot, no file
+        read. A wrong size shows at once; a changed byte only after a hand-out
+        (or the ring's own add) has read the file.
+        """
         self._jobdir(job)
         return self._list(job)
 
     def newest(self, job: str) -> Snapshot | None:
+        """The newest one as listed, unchecked: to show, never to resume from."""
         snaps = self.list(job)
         return snaps[0] if snaps else None
 
-    def before_newest(self, job: str) -> Snapshot | None:
-        """The default target of a rollback: the one before the newest."""
-        snaps = self.list(job)
-        return snaps[1] if len(snaps) > 1 else None
-
     def get(self, job: str, snapshot_id: str) -> Snapshot | None:
+        """The snapshot of that id, verified; None when the job has none of that id.
+
+        Raises SnapshotCorrupt when it exists but is not what was recorded:
+        an operator who named it must hear why it cannot be used.
+        """
         if not SNAPSHOT_ID.match(snapshot_id):
             return None
-        return next((s for s in self.list(job) if s.id == snapshot_id), None)
+        snap = next((s for s in self.list(job) if s.id == snapshot_id), None)
+        verdict = None if snap is None else self._verify(snap)
+        if snap is None or verdict is None:
+            return None
+        if verdict != OK:
+            raise SnapshotCorrupt(job, replace(snap, verdict=verdict), verdict)
+        return replace(snap, verdict=OK)
 
-    def newest_valid(self, job: str) -> Snapshot | None:
-        """The newest snapshot that still holds what was validated, skipping broken ones.
+    def before_newest(self, job: str, on_corrupt: OnCorrupt | None = None) -> Snapshot | None:
+        """The default target of `rollback NAME`: one step back from where a restart would resume.
 
-        Unchanged size and mtime are trusted; otherwise the file is fully
-        checked and must still have the recorded sha256.
+        That is the second newest among the snapshots that pass verification.
+        Broken ones are skipped (and reported to `on_corrupt`), not raised:
+        the newest valid one is what the job resumes from now, so one step
+        back from it is what "roll back" means, and an operator asking without
+        an id wants a usable snapshot, not an error to work around; the reply
+        names the id chosen. None when fewer than two are valid.
         """
-        for snap in self.list(job):
-            if _still_valid(snap):
-                return snap
-            log.warning("snapshot no longer valid, skipped", job=job, snapshot=snap.id)
-        return None
+        valid = self._newest_verified(job, 2, on_corrupt)
+        return valid[1] if len(valid) > 1 else None
+
+    def newest_valid(self, job: str, on_corrupt: OnCorrupt | None = None) -> Snapshot | None:
+        """What a job resumes from: the newest snapshot that passes verification.
+
+        Each broken one skipped on the way is logged and passed to
+        `on_corrupt(snapshot, reason)`, so the caller can record an event.
+        """
+        valid = self._newest_verified(job, 1, on_corrupt)
+        return valid[0] if valid else None
 
     def remove_job(self, job: str) -> None:
         jobdir = self._jobdir(job)
         with self._lock:
             shutil.rmtree(jobdir, ignore_errors=True)
+        self._checks.forget(jobdir)
 
     # ---- internals ----------------------------------------------------------------
 
     def _jobdir(self, job: str) -> Path:
         return self.root / check_job_name(job)
 
+    def _newest_verified(self, job: str, count: int, on_corrupt: OnCorrupt | None) -> Snapshots:
+        """Up to `count` valid snapshots, newest first; the broken ones newer than the last are reported."""
+        found: Snapshots = []
+        for snap in self.list(job):
+            verdict = self._verify(snap)
+            if verdict == OK:
+                found.append(replace(snap, verdict=OK))
+                if len(found) == count:
+                    break
+            elif verdict is not None:
+                log.warning("snapshot broken, skipped", job=job, snapshot=snap.id, reason=verdict)
+                if on_corrupt is not None:
+                    on_corrupt(replace(snap, verdict=verdict), verdict)
+        return found
+
+    def _verify(self, snap: Snapshot) -> str | None:
+        """Read the file in full, outside the ring's lock: OK, why not, or None when gone (pruned meanwhile)."""
+        try:
+            return self._checks.verify(snap.path, size=snap.size, sha256=snap.sha256)
+        except FileNotFoundError:
+            return None
+
     def _list(self, job: str) -> Snapshots:
         jobdir = self._jobdir(job)
         snaps: Snapshots = []
         for sidecar in jobdir.glob("*.json"):
             snap_id = sidecar.stem
-            if not SNAPSHOT_ID.match(snap_id) or not (jobdir / f"{snap_id}.pt").is_file():
+            if not SNAPSHOT_ID.match(snap_id):
                 continue
             try:
-                snaps.append(_from_sidecar(jobdir, snap_id, json.loads(sidecar.read_bytes())))
+                snap = _from_sidecar(jobdir, snap_id, json.loads(sidecar.read_bytes()))
+                snaps.append(replace(snap, verdict=self._checks.cached(snap.path, snap.size)))
+            except FileNotFoundError:
+                continue  # a sidecar without its snapshot (or pruned meanwhile)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("unreadable snapshot sidecar, skipped", path=str(sidecar), error=str(exc))
         snaps.sort(key=lambda s: s.seq, reverse=True)
@@ -328,78 +358,7 @@ class SnapshotRing:
                     log.info("removed leftover from an interrupted snapshot", path=str(entry))
 
 
-class _Refused(Exception):
-    """Internal: the source may not be opened (symlink, outside the workdir, ...)."""
-
-
-def _open_source(source: Path, workdir: Path | None) -> int:
-    """Open the source read-only without following any symlink (below the workdir)."""
-    source = Path(os.path.abspath(source))
-    if source.is_symlink():
-        raise _Refused("source is a symlink")
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
-    try:
-        if workdir is None:
-            return os.open(source, flags)
-        rel = _relative_to_workdir(source, workdir)
-        dir_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for part in rel.parts[:-1]:
-                next_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-                os.close(dir_fd)
-                dir_fd = next_fd
-            return os.open(rel.parts[-1], flags, dir_fd=dir_fd)
-        finally:
-            os.close(dir_fd)
-    except FileNotFoundError:
-        raise _Refused("no such file") from None
-    except PermissionError:
-        raise _Refused("permission denied") from None
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise _Refused("a symlink in the source path") from None
-        raise _Refused(f"cannot open: {exc.strerror or exc}") from None
-
-
-def _relative_to_workdir(source: Path, workdir: Path) -> Path:
-    """The source's path below the workdir (as given or as resolved), else refuse."""
-    for base in (Path(os.path.abspath(workdir)), workdir.resolve()):
-        if source.is_relative_to(base) and source != base:
-            return source.relative_to(base)
-    raise _Refused(f"source is outside the job's workdir {workdir}")
-
-
-def _copy_fd(src_fd: int, dst_fd: int) -> None:
-    """Stream the whole source into the destination in bounded chunks."""
-    offset = 0
-    while chunk := os.pread(src_fd, CHUNK, offset):
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(dst_fd, view) :]
-        offset += len(chunk)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames and unlinks in `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _from_sidecar(jobdir: Path, snap_id: str, data: Mapping[str, Any]) -> Snapshot:
+def _from_sidecar(jobdir: Path, snap_id: str, data: Mapping[str, Any], verdict: str | None = None) -> Snapshot:
     return Snapshot(
         id=snap_id,
         path=jobdir / f"{snap_id}.pt",
@@ -411,6 +370,7 @@ def _from_sidecar(jobdir: Path, snap_id: str, data: Mapping[str, Any]) -> Snapsh
         mtime=float(data["mtime"]),
         validated_at=float(data.get("validated_at", 0.0)),
         seq=int(data["seq"]),
+        verdict=verdict,
     )
 
 
@@ -418,14 +378,3 @@ def _remove_snapshot(snap: Snapshot) -> None:
     """The snapshot before its sidecar, so a crash between leaves only an orphan sidecar."""
     snap.path.unlink(missing_ok=True)
     snap.path.with_suffix(".json").unlink(missing_ok=True)
-
-
-def _still_valid(snap: Snapshot) -> bool:
-    try:
-        st = os.stat(snap.path)
-    except OSError:
-        return False
-    if st.st_size == snap.size and st.st_mtime == snap.mtime:
-        return True
-    check = validate(snap.path)
-    return check.ok and check.sha256 == snap.sha256

@@ -153,3 +153,27 @@ def test_file_replaced_during_validation(tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(checkpoints, "_sha256", replaced_meanwhile)
     assert validate(path).reason == "changed while validating"
+
+
+def test_verify_against_a_record(tmp_path: Path) -> None:
+    """A snapshot's re-check: size, then sha256, then the zip structure."""
+    path = tmp_path / "snap.pt"
+    data = make_checkpoint(path)
+    sha = hashlib.sha256(data).hexdigest()
+
+    def verify(recorded_size: int = len(data), recorded_sha: str = sha) -> str | None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return checkpoints.verify_fd(fd, size=recorded_size, sha256=recorded_sha)
+        finally:
+            os.close(fd)
+
+    assert verify() is None
+    assert verify(recorded_size=len(data) + 5) == f"truncated: {len(data)} of {len(data) + 5} bytes"
+    assert verify(recorded_size=len(data) - 5) == f"grown: {len(data)} bytes, {len(data) - 5} recorded"
+    assert verify(recorded_sha="ab" * 32) == f"sha256 mismatch (recorded {'ab' * 6}.., now {sha[:12]}..)"
+    # a record that matches a broken file (written by hand, or fetched along with it): the zip check catches it
+    broken = data[:-30] + b"\x00" * 30
+    path.write_bytes(broken)
+    reason = verify(recorded_sha=hashlib.sha256(broken).hexdigest())
+    assert reason is not None and reason.startswith("truncated or corrupt zip")

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gpuguard.supervisor import exitcode, process
+from gpuguard.supervisor import exitcode, pids
 from gpuguard.supervisor.process import JobProcess, UserSpec, adopt, spawn
 
 PY = sys.executable
@@ -332,7 +332,7 @@ def test_adopted_job_survives_daemon_death_and_checkpoints(tmp_path: Path) -> No
 
 def test_without_pidfd_support(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Kernels before 5.3: create_time checks and os.kill, psutil polling for adopted jobs."""
-    monkeypatch.setattr(process, "_pidfd_supported", lambda: False)
+    monkeypatch.setattr(pids, "pidfd_supported", lambda: False)
     pid, start_time, status = _spawn_by_old_daemon(tmp_path, TRAP_USR1)
     _wait_for(_log_has(tmp_path / "job.log", "ready"))
     assert JobProcess(pid, start_time - 100.0, status).signal_tree(signal.SIGKILL) == []

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gpuguard.supervisor import snapshots
-from gpuguard.supervisor.snapshots import Snapshot, SnapshotRing, band, select_retained
+from gpuguard.supervisor import snapshot_check, snapshot_files
+from gpuguard.supervisor.retention import band, select_retained
+from gpuguard.supervisor.snapshots import Snapshot, SnapshotCorrupt, SnapshotRing
 
 from .test_checkpoints import checkpoint_bytes, make_checkpoint
 
@@ -153,32 +154,32 @@ def test_disk_full_keeps_last_good(
 ) -> None:
     good = ring.add("yolo", write_epoch(workdir, 1), job_workdir=workdir).snapshot
     assert good is not None
-    real_copy = snapshots._copy_fd
+    real_copy = snapshot_files.copy_fd
 
     def fills_up(src_fd: int, dst_fd: int) -> None:
         os.write(dst_fd, b"partial")
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(snapshots, "_copy_fd", fills_up)
+    monkeypatch.setattr(snapshot_files, "copy_fd", fills_up)
     result = ring.add("yolo", write_epoch(workdir, 2), job_workdir=workdir)
     assert result.snapshot is None and result.reason == "disk full"
     assert job_files(ring) == sorted([f"{good.id}.pt", f"{good.id}.json"])
     assert ring.newest_valid("yolo") == good
 
-    monkeypatch.setattr(snapshots, "_copy_fd", real_copy)
+    monkeypatch.setattr(snapshot_files, "copy_fd", real_copy)
     assert ring.add("yolo", write_epoch(workdir, 2), job_workdir=workdir).saved
 
 
 def test_source_truncated_during_copy(ring: SnapshotRing, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = write_epoch(workdir, 1)
-    real_copy = snapshots._copy_fd
+    real_copy = snapshot_files.copy_fd
 
     def trainer_rewrites(src_fd: int, dst_fd: int) -> None:
         with src.open("r+b") as f:  # write_bytes truncates in place, then dies
             f.truncate(100)
         real_copy(src_fd, dst_fd)
 
-    monkeypatch.setattr(snapshots, "_copy_fd", trainer_rewrites)
+    monkeypatch.setattr(snapshot_files, "copy_fd", trainer_rewrites)
     result = ring.add("yolo", src, job_workdir=workdir)
     assert result.snapshot is None and "source changed during copy" in result.reason
     assert not (ring.root / "yolo").exists() or job_files(ring) == []
@@ -216,6 +217,139 @@ def test_newest_valid_skips_corrupted(ring: SnapshotRing, workdir: Path, clock: 
 
     newer.path.write_bytes(checkpoint_bytes(b"other"))  # a valid zip, but not what was recorded
     assert ring.newest_valid("yolo") == older
+
+
+def three(ring: SnapshotRing, workdir: Path, clock: Clock) -> list[Snapshot]:
+    """Three snapshots, newest first."""
+    snaps = []
+    for epoch in (1, 2, 3):
+        snap = ring.add("yolo", write_epoch(workdir, epoch), job_workdir=workdir).snapshot
+        assert snap is not None
+        snaps.insert(0, snap)
+        clock.now += 60
+    return snaps
+
+
+def flip_middle_byte(path: Path) -> None:
+    """One byte changed in place, size and mtime as before: what the old size+mtime shortcut trusted."""
+    st = path.stat()
+    with path.open("r+b") as f:
+        f.seek(st.st_size // 2)
+        byte = f.read(1)
+        f.seek(st.st_size // 2)
+        f.write(bytes([byte[0] ^ 0x01]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_get_of_a_truncated_snapshot_raises(ring: SnapshotRing, workdir: Path, clock: Clock) -> None:
+    newest, middle, _ = three(ring, workdir, clock)
+    with middle.path.open("r+b") as f:
+        f.truncate(1200)
+    message = rf"^snapshot {middle.id} of job yolo: truncated: 1200 of {middle.size} bytes$"
+    with pytest.raises(SnapshotCorrupt, match=message) as exc:
+        ring.get("yolo", middle.id)
+    assert exc.value.snapshot.id == middle.id and exc.value.reason.startswith("truncated")
+    assert ring.get("yolo", newest.id) == newest
+
+
+def test_get_of_a_snapshot_with_a_flipped_byte_raises(ring: SnapshotRing, workdir: Path, clock: Clock) -> None:
+    newest, middle, _ = three(ring, workdir, clock)
+    flip_middle_byte(middle.path)
+    message = rf"sha256 mismatch \(recorded {middle.sha256[:12]}\.\., now [0-9a-f]{{12}}\.\.\)$"
+    with pytest.raises(SnapshotCorrupt, match=message):
+        ring.get("yolo", middle.id)
+    assert ring.get("yolo", "20270115T080000Z-000042-deadbeef") is None  # well-formed, absent
+
+
+def test_get_refuses_symlinks(ring: SnapshotRing, workdir: Path, clock: Clock, tmp_path: Path) -> None:
+    """A link to an intact copy is refused too: the ring's files are never followed."""
+    newest, middle, _ = three(ring, workdir, clock)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    copy = elsewhere / middle.path.name
+    copy.write_bytes(middle.path.read_bytes())
+    middle.path.unlink()
+    middle.path.symlink_to(copy)
+    with pytest.raises(SnapshotCorrupt, match="a symlink, not a snapshot file"):
+        ring.get("yolo", middle.id)
+
+    jobdir = ring.root / "yolo"
+    jobdir.rename(elsewhere / "yolo")
+    jobdir.symlink_to(elsewhere / "yolo")
+    with pytest.raises(SnapshotCorrupt, match="a symlink in the snapshot's path"):
+        ring.get("yolo", newest.id)
+
+
+def test_newest_valid_falls_back_and_reports_each_broken_one(ring: SnapshotRing, workdir: Path, clock: Clock) -> None:
+    newest, middle, oldest = three(ring, workdir, clock)
+    flip_middle_byte(newest.path)
+    reported: list[tuple[str, str]] = []
+
+    def on_corrupt(snap: Snapshot, reason: str) -> None:
+        reported.append((snap.id, reason))
+
+    assert ring.newest_valid("yolo", on_corrupt=on_corrupt) == middle
+    assert len(reported) == 1 and reported[0][0] == newest.id and reported[0][1].startswith("sha256 mismatch")
+
+    middle.path.write_bytes(b"")
+    reported.clear()
+    assert ring.newest_valid("yolo", on_corrupt=on_corrupt) == oldest
+    assert [r[0] for r in reported] == [newest.id, middle.id]
+    assert reported[1][1] == f"truncated: 0 of {middle.size} bytes"
+
+
+def test_before_newest_is_one_valid_step_back(ring: SnapshotRing, workdir: Path, clock: Clock) -> None:
+    """As documented: the second newest valid one; broken ones are skipped and reported, not raised."""
+    newest, middle, oldest = three(ring, workdir, clock)
+    reported: list[str] = []
+    flip_middle_byte(middle.path)  # the usual candidate is broken
+    assert ring.before_newest("yolo", on_corrupt=lambda snap, reason: reported.append(snap.id)) == oldest
+    assert reported == [middle.id]
+
+    middle.path.write_bytes(newest.path.read_bytes())  # readable again, but not what was recorded
+    flip_middle_byte(newest.path)  # the newest broken: a restart resumes from `oldest`, nothing is before it
+    assert ring.newest_valid("yolo") == oldest
+    assert ring.before_newest("yolo") is None
+
+
+def test_list_marks_validity_without_reading(
+    ring: SnapshotRing, workdir: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    newest, middle, oldest = three(ring, workdir, clock)
+    reopened = SnapshotRing(ring.root, keep_newest=3, max_bytes=10**9, clock=clock)
+    assert [s.valid for s in ring.list("yolo")] == [True, True, True]  # checked when they were added
+    assert [s.valid for s in reopened.list("yolo")] == [None, None, None]  # not by this ring (a new daemon)
+    reopened.get("yolo", middle.id)
+    with oldest.path.open("r+b") as f:
+        f.truncate(100)
+    flip_middle_byte(newest.path)
+
+    def no_reads(*args: object, **kwargs: object) -> None:
+        raise AssertionError("list() read a snapshot")
+
+    monkeypatch.setattr(snapshot_check, "verify_fd", no_reads)
+    listed = reopened.list("yolo")
+    assert [s.valid for s in listed] == [None, True, False]  # a flipped byte shows only after a full check
+    assert listed[2].to_json()["problem"] == f"truncated: 100 of {oldest.size} bytes"
+    assert listed[2] == oldest  # validity is not part of a snapshot's identity
+    assert "problem" not in listed[1].to_json() and listed[1].to_json()["valid"] is True
+
+
+def test_verification_does_not_hold_the_ring_lock(
+    ring: SnapshotRing, workdir: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large snapshot takes seconds to hash; adds and prunes must not wait for it."""
+    newest, _, _ = three(ring, workdir, clock)
+    real = snapshot_check.verify_fd
+    held: list[bool] = []
+
+    def spy(fd: int, *, size: int, sha256: str) -> str | None:
+        held.append(ring._lock.locked())
+        return real(fd, size=size, sha256=sha256)
+
+    monkeypatch.setattr(snapshot_check, "verify_fd", spy)
+    assert ring.newest_valid("yolo") == newest
+    assert held == [False]
 
 
 def test_remove_job(ring: SnapshotRing, workdir: Path) -> None:
