@@ -69,7 +69,9 @@ def test_raw_kmsg_capture_frames_every_record_and_holds_no_xid() -> None:
     assert all(r is not None for r in records)
     assert [r.seq for r in records if r] == list(range(3964, 3964 + len(lines)))
     first = records[0]
-    assert first == KmsgRecord(message="nvidia-nvswitch2: open (major=510)", seq=3964, level=6, usec=206764307)
+    assert first == KmsgRecord(
+        message="nvidia-nvswitch2: open (major=510)", seq=3964, level=6, usec=206764307, facility=0
+    )
     assert all(parse_nvrm(r, boot_time=BOOT, now=NOW) is None for r in records if r)
 
 
@@ -78,7 +80,7 @@ def test_raw_kmsg_capture_frames_every_record_and_holds_no_xid() -> None:
 
 def test_raw_kmsg_record_with_level_facility_and_extra_fields() -> None:
     record = parse_record("27,812,4567890,-,caller=T123;NVRM: hello; world\n")
-    assert record == KmsgRecord(message="NVRM: hello; world", seq=812, level=3, usec=4567890)
+    assert record == KmsgRecord(message="NVRM: hello; world", seq=812, level=3, usec=4567890, facility=3)
 
 
 def test_kmsg_dictionary_lines_are_ignored() -> None:
@@ -93,7 +95,7 @@ def test_kmsg_escapes_are_undone() -> None:
 
 def test_plain_dmesg_time_since_boot() -> None:
     assert parse_record("[  123.456789] NVRM: x") == KmsgRecord(message="NVRM: x", usec=123_456_789)
-    assert parse_record("<4>[    5.5] y") == KmsgRecord(message="y", level=4, usec=5_500_000)
+    assert parse_record("<4>[    5.5] y") == KmsgRecord(message="y", level=4, usec=5_500_000, facility=0)
 
 
 def test_dmesg_t_wall_time_with_a_space_padded_day() -> None:
@@ -237,48 +239,6 @@ def test_fallen_off_the_bus_without_a_number_is_xid_79(line: str, pci: str) -> N
     found = xid(line)
     assert (found.xid, found.pci_bus_id, found.pid) == (79, pci, None)
     assert "fallen off the bus" in found.message and "NVRM" not in found.message
-
-
-def feed_all(lines: list[str]) -> list[XidObservation | PciMapping]:
-    parser = KernelLogParser(boot_time=BOOT)
-    out = []
-    for line in lines:
-        record = parse_record(line)
-        if record is not None and (found := parser.feed(record, now=NOW)) is not None:
-            out.append(found)
-    return out
-
-
-def test_dmesg_multi_line_fallen_off_message_is_joined_once() -> None:
-    found = feed_all(
-        [
-            "[ 1843.308145] NVRM: The NVIDIA GPU 0000:b3:00.0",
-            "               NVRM: (PCI ID: 10de:26b5) installed in this system has",
-            "               NVRM: fallen off the bus and is not responding to commands.",
-            "               NVRM: (a further indented line)",
-            "[ 1843.439662] NVRM: The NVIDIA probe routine failed for 1 device(s).",
-        ]
-    )
-    assert len(found) == 1
-    obs = found[0]
-    assert isinstance(obs, XidObservation)
-    assert (obs.xid, obs.pci_bus_id, obs.timestamp) == (79, "0000:b3:00", BOOT + 1843.308145)
-    assert obs.message.startswith("The NVIDIA GPU 0000:b3:00.0 (PCI ID: 10de:26b5) installed in this system has")
-
-
-def test_fallen_off_message_split_over_records_by_older_kernels() -> None:
-    found = feed_all(
-        [
-            "3,10,100,-;NVRM: The NVIDIA GPU 0000:b3:00.0",
-            "3,11,101,-;NVRM: (PCI ID: 10de:26b5) installed in this system has",
-            "3,12,102,-;NVRM: fallen off the bus and is not responding to commands.",
-            "3,13,103,-;NVRM: Xid (PCI:0000:3b:00): 13, Graphics Exception",
-        ]
-    )
-    assert [(f.xid, f.pci_bus_id) for f in found if isinstance(f, XidObservation)] == [
-        (79, "0000:b3:00"),
-        (13, "0000:3b:00"),
-    ]
 
 
 def test_lines_around_a_gpu_that_are_not_findings() -> None:

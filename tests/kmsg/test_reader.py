@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from gpuguard.kmsg import reader as reader_module
 from gpuguard.kmsg.parser import PciMapping
@@ -71,6 +72,13 @@ def test_existing_content_is_history_and_appended_lines_are_new(log_path: Path, 
     assert source.read(0.02) == []
     append(log_path, XID13.format(seq=3))
     assert xids(source.read(0.5)) == [(13, False)]
+
+
+def test_records_user_space_wrote_are_not_read(log_path: Path, sources: list[KernelLogSource]) -> None:
+    """What `echo ... > /dev/kmsg` or `logger --kmsg` writes has facility user (prio 8..15): not an Xid."""
+    log_path.write_text("14" + XID79.format(seq=1)[1:] + "12" + XID79.format(seq=2)[1:] + XID13.format(seq=3))
+    source = open_source(log_path, sources)
+    assert xids(source.read(0.5)) == [(13, True)]
 
 
 def test_appended_line_comes_back_quickly(log_path: Path, sources: list[KernelLogSource]) -> None:
@@ -243,8 +251,10 @@ def test_kmsg_overwritten_records_are_logged_and_reading_goes_on(
     monkeypatch.setattr(reader_module.os, "read", read)
     try:
         kernel.send(XID13.format(seq=10).encode())
-        assert device.poll(0.5) == [(XID13.format(seq=10).rstrip("\n"), True)]
+        with capture_logs() as logs:
+            assert device.poll(0.5) == [(XID13.format(seq=10).rstrip("\n"), True)]
         assert not pending_epipe
+        assert [(e["event"], e["log_level"]) for e in logs] == [("kmsg_records_overwritten", "warning")]
     finally:
         monkeypatch.undo()
         device.close()

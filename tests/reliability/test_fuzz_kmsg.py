@@ -32,8 +32,8 @@ _SAFE = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01
 def xid_lines(draw: st.DrawFn) -> tuple[str, int, str, int | None]:
     """A driver Xid line in one of the framings the parser accepts: (line, xid, pci_key, pid)."""
     domain, bus, dev = draw(st.integers(0, 0xFFFF)), draw(st.integers(0, 0xFF)), draw(st.integers(0, 0x1F))
-    xid = draw(st.integers(0, 99_999))
-    pid = draw(st.one_of(st.none(), st.integers(0, 2**31 - 1)))
+    xid = draw(st.integers(1, 9999))
+    pid = draw(st.one_of(st.none(), st.integers(0, 4_194_304)))
     pci_text = f"{domain:04x}:{bus:02x}:{dev:02x}"
     if draw(st.booleans()):
         pci_text = pci_text.upper()
@@ -43,7 +43,7 @@ def xid_lines(draw: st.DrawFn) -> tuple[str, int, str, int | None]:
     message = f"NVRM: Xid ({prefix}{pci_text}): {xid}, {who}, {text}"
     framing = draw(st.sampled_from(["raw", "dmesg", "ctime", "prio", "bare"]))
     line = {
-        "raw": f"{draw(st.integers(0, 191))},{draw(st.integers(0, 10**9))},{draw(st.integers(0, 10**12))},-;{message}",
+        "raw": f"{draw(st.integers(0, 7))},{draw(st.integers(0, 10**9))},{draw(st.integers(0, 10**12))},-;{message}",
         "dmesg": f"[{draw(st.integers(0, 10**6)):>5}.{draw(st.integers(0, 999_999)):06d}] {message}",
         "ctime": f"[Sun Feb 23 16:24:18 2025] {message}",
         "prio": f"<{draw(st.integers(0, 7))}>[  1.000000] {message}",
@@ -84,6 +84,47 @@ def test_a_genuine_xid_line_always_parses_right(case: tuple[str, int, str, int |
     found = parse_nvrm(record, boot_time=NOW - 1000, now=NOW)
     assert isinstance(found, XidObservation), line
     assert (found.xid, found.pci_bus_id, found.pid) == (xid, pci, pid)
+
+
+@FUZZ
+@given(xid_lines(), st.integers(1, 2**29 - 1))  # prio is a 32-bit number
+def test_a_genuine_xid_line_from_another_facility_is_never_believed(
+    case: tuple[str, int, str, int | None], facility: int
+) -> None:
+    """What user space writes to /dev/kmsg carries a facility other than the kernel's (0)."""
+    message = case[0][case[0].index("NVRM: Xid") :]
+    for line in (f"{facility * 8 + 3},1,2,-;{message}", f"<{facility * 8 + 3}>[  1.000000] {message}"):
+        record = parse_record(line)
+        assert record is not None and record.facility == facility
+        assert parse_nvrm(record, boot_time=NOW - 1000, now=NOW) is None
+        assert KernelLogParser(boot_time=NOW - 1000).feed(record, now=NOW) is None
+
+
+@FUZZ
+@given(xid_lines(), st.text(min_size=1, max_size=40))
+def test_a_genuine_xid_line_inside_another_message_is_never_believed(
+    case: tuple[str, int, str, int | None], before: str
+) -> None:
+    message = case[0][case[0].index("NVRM: Xid") :]
+    record = parse_record(f"6,1,2,-;{before}{message}")
+    assert record is not None
+    found = parse_nvrm(record, boot_time=NOW - 1000, now=NOW)
+    assert found is None or record.message.startswith("NVRM: ")
+
+
+@FUZZ
+@given(*[st.text(alphabet="0123456789", min_size=1, max_size=12)] * 2)
+def test_numbers_are_read_whole_or_not_at_all(code: str, pid: str) -> None:
+    """Never cut to something that looks valid: the Xid and pid read are the ones written, in range."""
+    line = f"3,1,2,-;NVRM: Xid (PCI:0000:3b:00): {code}, pid={pid}, name=python, Graphics Exception"
+    record = parse_record(line)
+    assert record is not None
+    found = parse_nvrm(record, boot_time=NOW - 1000, now=NOW)
+    valid = 1 <= int(code) <= 9999 and len(code) <= 4 and int(pid) <= 4_194_304 and len(pid) <= 7
+    if valid:
+        assert isinstance(found, XidObservation) and (found.xid, found.pid) == (int(code), int(pid))
+    else:
+        assert found is None
 
 
 @FUZZ
