@@ -11,7 +11,8 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,21 @@ from gpuguard.control.commands import COMMANDS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 CHECK_EXIT = {"healthy": 0, "unhealthy": 1, "unknown": 2}
+
+# What `run` never sends from this shell's environment: variables that name
+# this login session's agents, display, bus and credentials. A job outlives
+# the session and runs under the daemon; it must not borrow (or leak) them.
+SESSION_ENV = (
+    "SSH_AUTH_SOCK", "SSH_AGENT_PID", "SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY",
+    "DBUS_SESSION_BUS_ADDRESS", "XDG_SESSION_ID", "XDG_RUNTIME_DIR",
+    "DISPLAY", "WAYLAND_DISPLAY", "XAUTHORITY", "KRB5CCNAME", "GPG_AGENT_INFO", "TERM_SESSION_ID",
+)  # fmt: skip
+RUN_ENV_HELP = (
+    "Environment: the job gets this shell's environment except the session's own variables ({session}), "
+    "systemd's ({systemd}, WATCHDOG_*) and gpuguard's (GPUGUARD_*); each --env KEY=VALUE adds or overrides one; "
+    "with --no-env it gets only the --env ones. gpuguard then sets CUDA_VISIBLE_DEVICES and its GPUGUARD_* "
+    "variables itself."
+).format(session=", ".join(SESSION_ENV), systemd=", ".join(contract.SYSTEMD_ENV))
 
 
 class UsageError(Exception):
@@ -50,13 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", metavar="G", help="only this GPU (index or UUID)")
     p.add_argument("--job", metavar="NAME", help="only this job")
     p = add("run")
-    p.epilog = "the job's command follows --, e.g.: gpuguardctl run --name train --gpus 2 -- python train.py"
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the epilog's paragraphs
+    example = "The job's command follows --, e.g.: gpuguardctl run --name train --gpus 2 -- python train.py"
+    p.epilog = "\n\n".join(textwrap.fill(par, 79) for par in (example, RUN_ENV_HELP))
     p.add_argument("--name", required=True)
     p.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs to give the job (default 1)")
     p.add_argument("--min-gpus", type=int, metavar="N", help="run on fewer GPUs, down to N, rather than wait")
     p.add_argument("--checkpoint", metavar="PATH", help="the job's checkpoint file (relative to --workdir)")
     p.add_argument("--workdir", metavar="DIR", help="the job's working directory (default: here)")
     p.add_argument("--max-restarts", type=int, metavar="N")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="set this variable for the job (repeatable)")
+    p.add_argument("--no-env", action="store_true", help="send none of this shell's environment, only the --env ones")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
     add("stop").add_argument("name")
     p = add("snapshots")
@@ -146,7 +166,7 @@ def _wire_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_spec(args: argparse.Namespace) -> dict[str, Any]:
-    """The job spec `run` sends: absolute paths, this shell's environment."""
+    """The job spec `run` sends: absolute paths, the environment of `job_env`."""
     command = list(args.argv)
     if command[:1] == ["--"]:
         command = command[1:]
@@ -159,7 +179,6 @@ def run_spec(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("run: --min-gpus must not exceed --gpus")
     workdir = os.path.abspath(args.workdir) if args.workdir else os.getcwd()
     checkpoint = os.path.normpath(os.path.join(workdir, args.checkpoint)) if args.checkpoint else None
-    env = {k: v for k, v in os.environ.items() if contract.for_job(k)}
     return {
         "name": args.name,
         "command": command,
@@ -168,8 +187,22 @@ def run_spec(args: argparse.Namespace) -> dict[str, Any]:
         "checkpoint": checkpoint,
         "workdir": workdir,
         "max_restarts": args.max_restarts,
-        "env": env,
+        "env": job_env(os.environ, args.env, inherit=not args.no_env),
     }
+
+
+def job_env(environ: Mapping[str, str], assignments: Sequence[str], *, inherit: bool) -> dict[str, str]:
+    """The environment `run` sends: this shell's (unless not `inherit`) without
+    the session's, systemd's and gpuguard's variables, then each KEY=VALUE."""
+    env = {k: v for k, v in environ.items() if contract.for_job(k) and k not in SESSION_ENV} if inherit else {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"run: --env {item!r}: give KEY=VALUE")
+        if not contract.for_job(key):
+            raise UsageError(f"run: --env {key}: gpuguard and systemd set this variable themselves, not the job's caller")
+        env[key] = value
+    return env
 
 
 

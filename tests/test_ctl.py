@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 
 from control import UUID0, UUID1, FakeController, serving  # tests/control, a package beside this file
 from gpuguard import config as config_module
-from gpuguard.ctl import main
+from gpuguard.ctl import SESSION_ENV, main
 
 
 @pytest.fixture
@@ -74,6 +74,8 @@ def test_run_sends_absolute_paths_and_a_clean_environment(
     monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
     monkeypatch.setenv("WATCHDOG_USEC", "1000")
     monkeypatch.setenv("DATASET", "/data/coco")
+    for private in SESSION_ENV:
+        monkeypatch.setenv(private, "session-private")
     argv = ["run", "--name", "train", "--gpus", "2", "--min-gpus", "1", "--checkpoint", "runs/last.pt",
             "--max-restarts", "3", "--", "python", "train.py", "--epochs", "3", "--", "x"]
     code, out, _ = ctl(capsys, *argv)
@@ -89,8 +91,46 @@ def test_run_sends_absolute_paths_and_a_clean_environment(
         "workdir": str(tmp_path),
         "max_restarts": 3,
     }
-    assert env["DATASET"] == "/data/coco"
-    assert not {"NOTIFY_SOCKET", "WATCHDOG_USEC", "GPUGUARD_SOCKET"} & set(env)
+    assert env["DATASET"] == "/data/coco" and env["PATH"] == os.environ["PATH"]
+    assert not {"NOTIFY_SOCKET", "WATCHDOG_USEC", "GPUGUARD_SOCKET", *SESSION_ENV} & set(env)
+    assert "session-private" not in env.values()
+
+
+def test_run_env_flags(
+    sock: Path, fake: FakeController, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DATASET", "/data/coco")
+    monkeypatch.setenv("SSH_AUTH_SOCK", "/tmp/ssh-agent.sock")
+    s = ["--socket", str(sock), "run", "--name", "t"]
+
+    def sent(*flags: str) -> dict[str, str]:
+        code, _, err = ctl(capsys, *s, *flags, "--", "python", "t.py", "--env", "not-a-flag")
+        assert code == 0, err
+        spec = fake.calls[-1][1][0]
+        assert spec["command"] == ["python", "t.py", "--env", "not-a-flag"]  # after --: the job's own
+        return spec["env"]
+
+    env = sent("--env", "DATASET=/data/voc", "--env", "SEED=1=2", "--env", "EMPTY=", "--env", "DISPLAY=:0")
+    assert env["DATASET"] == "/data/voc" and env["SEED"] == "1=2" and env["EMPTY"] == ""
+    assert env["DISPLAY"] == ":0" and "SSH_AUTH_SOCK" not in env  # asked for by name: sent
+    assert sent("--no-env") == {}
+    assert sent("--no-env", "--env", "A=b", "--env", "A=c") == {"A": "c"}
+    calls = len(fake.calls)
+    for bad, message in [("NOEQUALS", "give KEY=VALUE"), ("=x", "give KEY=VALUE"),
+                         ("GPUGUARD_RESUME_FROM=/x", "set this variable themselves"),
+                         ("NOTIFY_SOCKET=/run/x", "set this variable themselves")]:  # fmt: skip
+        code, _, err = ctl(capsys, *s, "--env", bad, "--", "true")
+        assert code == 2 and message in err, (bad, err)
+    assert len(fake.calls) == calls
+
+
+def test_run_help_says_what_environment_is_sent(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert info.value.code == 0
+    assert "--env KEY=VALUE" in out and "--no-env" in out
+    assert all(name in out for name in SESSION_ENV) and "NOTIFY_SOCKET" in out and "GPUGUARD_*" in out
 
 
 def test_run_workdir_and_usage_errors(

@@ -14,6 +14,7 @@ from typing import Any
 from gpuguard.control.protocol import MAX_REQUEST_BYTES, ProtocolError, decode_reply, encode_request
 
 MAX_REPLY_BYTES = 256 * 1024 * 1024  # a long event history is large, but not this large
+CONNECT_RETRY_S = 0.005
 
 
 class DaemonUnreachable(Exception):
@@ -43,8 +44,7 @@ def request(socket_path: Path, cmd: str, args: dict[str, Any], timeout_s: float 
     deadline = time.monotonic() + timeout_s
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
-            sock.settimeout(timeout_s)
-            sock.connect(str(path))
+            _connect(sock, path, deadline)
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             try:
                 sock.sendall(line)
@@ -70,6 +70,20 @@ def request(socket_path: Path, cmd: str, args: dict[str, Any], timeout_s: float 
     if not reply.ok:
         raise CommandFailed(reply.error, reply.code)
     return reply.result
+
+
+def _connect(sock: socket.socket, path: Path, deadline: float) -> None:
+    """Connect, trying again while the daemon's backlog is full: a Unix socket
+    refuses a connect with EAGAIN then, which means "busy, come back", not "gone"."""
+    while True:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            sock.connect(str(path))
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError from None
+            time.sleep(CONNECT_RETRY_S)
 
 
 def _read_reply(sock: socket.socket, deadline: float) -> bytes | None:

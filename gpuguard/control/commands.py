@@ -4,6 +4,10 @@ A command holds its wire name, whether it changes anything (`mutating`: only
 root and the admin group may run those), its argument schema, its one-line
 help and its daemon side, which calls the `Controller` the daemon implements.
 `dispatch` is the whole server-side path from a decoded request to a result.
+
+Every argument is validated here, at the door, by full match and within
+bounds, before the controller sees it (so nothing is created on disk for a bad
+request); the `bad_request` reply names the field.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import grp
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
+from gpuguard.control import validation
 from gpuguard.control.protocol import ProtocolError, Request
 
 
@@ -73,13 +78,16 @@ class Controller(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Arg:
-    """One argument: `kind` is str, int, list (of str) or dict (str to str)."""
+    """One argument: `kind` is str, int, list (of str) or dict (str to str);
+    an int lies within [minimum, maximum]; `valid` checks what the kind cannot."""
 
     name: str
     kind: type
     required: bool = False
-    minimum: int | None = None
+    minimum: int = 0
+    maximum: int = 2**31 - 1
     default: Any = None
+    valid: validation.Validator | None = None
 
     def check(self, value: Any, cmd: str) -> Any:
         where = f"{cmd}: argument '{self.name}'"
@@ -90,22 +98,31 @@ class Arg:
         if self.kind is int:
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ProtocolError(f"{where} must be an integer")
-            if self.minimum is not None and value < self.minimum:
-                raise ProtocolError(f"{where} must be {self.minimum} or more")
-        elif self.kind is str:
+            if not self.minimum <= value <= self.maximum:
+                raise ProtocolError(f"{where} must be between {self.minimum} and {self.maximum}")
+            return value
+        if self.kind is str:
             if not isinstance(value, str):
                 raise ProtocolError(f"{where} must be a string")
-            if self.required and not value:
-                raise ProtocolError(f"{where} must not be empty")
         elif self.kind is list:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ProtocolError(f"{where} must be a list of strings")
-            if self.required and not value:
-                raise ProtocolError(f"{where} must not be empty")
         elif self.kind is dict:
             if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
                 raise ProtocolError(f"{where} must be an object of strings")
+        if self.required and not value:
+            raise ProtocolError(f"{where} must not be empty")
+        problem = validation.text_problem(value) or (self.valid(value) if self.valid is not None else None)
+        if problem:
+            raise ProtocolError(f"{where} {problem}")
         return value
+
+
+MAX_GPUS = 1024
+MAX_RESTARTS = 10_000
+MAX_EVENTS = 100_000
+GPU_ARG = Arg("gpu", str, required=True, valid=validation.gpu)
+JOB = Arg("name", str, required=True, valid=validation.job_name)
 
 
 class Command(abc.ABC):
@@ -138,7 +155,11 @@ class Status(Command):
 class Events(Command):
     name = "events"
     help = "the event history, newest last"
-    args = (Arg("limit", int, minimum=0), Arg("gpu", str), Arg("job", str))
+    args = (
+        Arg("limit", int, maximum=MAX_EVENTS),
+        Arg("gpu", str, valid=validation.gpu),
+        Arg("job", str, valid=validation.job_name),
+    )
 
     def execute(self, controller: Controller, args: dict[str, Any], peer: PeerCred) -> Any:
         return controller.events(args["limit"], args["gpu"], args["job"])
@@ -163,7 +184,7 @@ class Healthy(Command):
 class Snapshots(Command):
     name = "snapshots"
     help = "the job's validated checkpoint snapshots, newest first"
-    args = (Arg("name", str, required=True),)
+    args = (JOB,)
 
     def execute(self, controller: Controller, args: dict[str, Any], peer: PeerCred) -> Any:
         return controller.snapshots(args["name"])
@@ -173,7 +194,7 @@ class Exclude(Command):
     name = "exclude"
     help = "quarantine a GPU (persists across restarts)"
     mutating = True
-    args = (Arg("gpu", str, required=True), Arg("reason", str))
+    args = (GPU_ARG, Arg("reason", str, valid=validation.one_line))
 
     def execute(self, controller: Controller, args: dict[str, Any], peer: PeerCred) -> Any:
         return controller.exclude(args["gpu"], args["reason"], peer)
@@ -183,7 +204,7 @@ class Include(Command):
     name = "include"
     help = "return a quarantined GPU to service"
     mutating = True
-    args = (Arg("gpu", str, required=True),)
+    args = (GPU_ARG,)
 
     def execute(self, controller: Controller, args: dict[str, Any], peer: PeerCred) -> Any:
         return controller.include(args["gpu"], peer)
@@ -193,7 +214,7 @@ class Reset(Command):
     name = "reset"
     help = "try a GPU reset now"
     mutating = True
-    args = (Arg("gpu", str, required=True),)
+    args = (GPU_ARG,)
 
     def execute(self, controller: Controller, args: dict[str, Any], peer: PeerCred) -> Any:
         return controller.reset(args["gpu"], peer)
@@ -206,7 +227,11 @@ class Inject(Command):
         " or list a process on the GPU (attach PID, detach PID)"
     )
     mutating = True
-    args = (Arg("gpu", str, required=True), Arg("fault", str, required=True), Arg("value", str))
+    args = (
+        GPU_ARG,
+        Arg("fault", str, required=True, valid=validation.fault),
+        Arg("value", str, valid=validation.fault_value),
+    )
 
     def execute(self, controller: Controller, args: dict[str, Any], peer: PeerCred) -> Any:
         return controller.inject(args["gpu"], args["fault"], args["value"], peer)
@@ -217,15 +242,22 @@ class Run(Command):
     help = "start a managed job"
     mutating = True
     args = (
-        Arg("name", str, required=True),
-        Arg("command", list, required=True),
-        Arg("gpus", int, minimum=1, default=1),
-        Arg("min_gpus", int, minimum=1),
-        Arg("checkpoint", str),
-        Arg("workdir", str),
-        Arg("max_restarts", int, minimum=0),
-        Arg("env", dict, default={}),
+        JOB,
+        Arg("command", list, required=True, valid=validation.argv),
+        Arg("gpus", int, minimum=1, maximum=MAX_GPUS, default=1),
+        Arg("min_gpus", int, minimum=1, maximum=MAX_GPUS),
+        Arg("checkpoint", str, valid=validation.path(absolute=False)),
+        Arg("workdir", str, valid=validation.path(absolute=True)),
+        Arg("max_restarts", int, maximum=MAX_RESTARTS),
+        Arg("env", dict, default={}, valid=validation.environment),
     )
+
+    def validate(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The schema, and `min_gpus` no more than `gpus`."""
+        checked = super().validate(args)
+        if checked["min_gpus"] is not None and checked["min_gpus"] > checked["gpus"]:
+            raise ProtocolError(f"{self.name}: argument 'min_gpus' must not exceed 'gpus' ({checked['gpus']})")
+        return checked
 
     def execute(self, controller: Controller, args: dict[str, Any], peer: PeerCred) -> Any:
         return controller.run(args, peer)
@@ -235,7 +267,7 @@ class Stop(Command):
     name = "stop"
     help = "stop a job and everything it started; its GPUs are freed"
     mutating = True
-    args = (Arg("name", str, required=True),)
+    args = (JOB,)
 
     def execute(self, controller: Controller, args: dict[str, Any], peer: PeerCred) -> Any:
         return controller.stop(args["name"], peer)
@@ -245,7 +277,7 @@ class Rollback(Command):
     name = "rollback"
     help = "restart a job from an older snapshot (default: the one before the newest)"
     mutating = True
-    args = (Arg("name", str, required=True), Arg("snapshot", str))
+    args = (JOB, Arg("snapshot", str, valid=validation.snapshot_id))
 
     def execute(self, controller: Controller, args: dict[str, Any], peer: PeerCred) -> Any:
         return controller.rollback(args["name"], args["snapshot"], peer)

@@ -1,10 +1,12 @@
 """The control socket: a Unix stream socket served on background threads.
 
-One accept thread hands each connection to its own thread, at most
-`max_connections` at once (beyond that: a "busy" reply and close), so one
-slow or stalled client never blocks the others. Each request line must arrive
-within `request_timeout_s`; the peer's uid/gid come from SO_PEERCRED and
-decide whether it may run changing commands.
+The accept thread (`door.Door`) admits connections by the peer's uid from
+SO_PEERCRED (`limits`: per uid, with slots kept for root and for
+`check`/`status`; beyond them a "busy" reply and close) and waits for their
+first request line; then each connection gets its own thread, so one slow or
+stalled client never blocks the others. Each request line must arrive within
+`request_timeout_s`, so an idle connection frees its slot. The uid/gid and
+groups also decide whether the peer may run changing commands.
 
 The socket is created safely: the directory must not be a symlink nor
 world-writable without the sticky bit; a live socket at the path (another
@@ -18,10 +20,8 @@ from __future__ import annotations
 import os
 import pwd
 import secrets
-import select
 import socket
 import stat
-import struct
 import threading
 import time
 from pathlib import Path
@@ -29,14 +29,15 @@ from pathlib import Path
 import structlog
 
 from gpuguard.control.commands import COMMANDS, CommandError, Controller, PeerCred, dispatch
+from gpuguard.control.door import BUSY, Door, Ids, refuse_busy
+from gpuguard.control.limits import QUICK_COMMANDS, Admission, Lane, Limits
 from gpuguard.control.protocol import MAX_REQUEST_BYTES, ProtocolError, decode_request, encode_error, encode_result
 
 log = structlog.get_logger("gpuguard.control")
 
-BACKLOG = 128
+BACKLOG = 1024  # room for a burst of connects while the accept thread catches up
 MAX_PATH_BYTES = 107  # sun_path holds 108 bytes with the terminating NUL
 SEND_TIMEOUT_S = 30.0  # a client that does not read its reply this long is dropped
-_PEERCRED = struct.Struct("3i")
 
 
 class ControlServerError(RuntimeError):
@@ -56,7 +57,7 @@ class ControlServer:
         admin_gid: int | None,
         mode: int = 0o660,
         group_gid: int | None = None,
-        max_connections: int = 64,
+        limits: Limits = Limits(),
         request_timeout_s: float = 5.0,
     ) -> None:
         self.path = Path(path)
@@ -65,7 +66,8 @@ class ControlServer:
         self.mode = mode
         self.group_gid = group_gid
         self.request_timeout_s = request_timeout_s
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.limits = limits
+        self._admission = Admission(limits)
         self._listener: socket.socket | None = None
         self._inode: tuple[int, int] | None = None
         self._wake_r, self._wake_w = socket.socketpair()
@@ -79,7 +81,14 @@ class ControlServer:
         """Create the socket and serve it on background threads."""
         self._listener = self._bind()
         self._listener.setblocking(False)
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="control-accept", daemon=True)
+        door = Door(
+            self._listener,
+            self._wake_r,
+            self._admission,
+            {Lane.FULL: self.request_timeout_s, Lane.QUICK: self.limits.quick_timeout_s},
+            self._hand_off,
+        )
+        self._accept_thread = threading.Thread(target=door.run, name="control-accept", daemon=True)
         self._accept_thread.start()
         log.info("control socket ready", socket=str(self.path), mode=oct(self.mode), admin_gid=self.admin_gid)
 
@@ -138,43 +147,26 @@ class ControlServer:
         return sock
 
     # --- serving ---------------------------------------------------------
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        poller = select.poll()
-        poller.register(self._listener, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        while not self._stopping.is_set():
-            ready = {fd for fd, _ in poller.poll()}
-            if self._wake_r.fileno() in ready:
-                return
-            try:
-                conn, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError as exc:
-                log.warning("control accept failed", error=str(exc))
-                time.sleep(0.05)  # e.g. EMFILE: do not spin
-                continue
-            conn.setblocking(True)
-            if not self._slots.acquire(blocking=False):
-                _refuse_busy(conn)
-                continue
+    def _hand_off(self, conn: socket.socket, ids: Ids, lane: Lane, buf: bytearray) -> None:
+        """A connection with its first request line in `buf` gets its own thread."""
+        conn.setblocking(True)
+        with self._lock:
+            self._conns.add(conn)
+        try:
+            threading.Thread(target=self._serve, args=(conn, ids, lane, buf), name="control-conn", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had: answer busy rather than leak the slot
+            log.warning("control connection thread failed to start", error=str(exc))
             with self._lock:
-                self._conns.add(conn)
-            try:
-                threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
-            except RuntimeError as exc:  # no thread to be had: answer busy rather than leak the slot
-                log.warning("control connection thread failed to start", error=str(exc))
-                with self._lock:
-                    self._conns.discard(conn)
-                self._slots.release()
-                _refuse_busy(conn)
+                self._conns.discard(conn)
+            self._admission.release(ids[1], lane)
+            refuse_busy(conn)
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, ids: Ids, lane: Lane, buf: bytearray) -> None:
+        """Answer request lines until the client closes or stalls; the quick lane answers one."""
+        quick = lane is Lane.QUICK
         try:
             with conn:
-                peer = peer_cred(conn)
-                buf = bytearray()
+                peer = PeerCred(*ids, groups=_groups(*ids))
                 while not self._stopping.is_set():
                     try:
                         line = _read_line(conn, buf, self.request_timeout_s)
@@ -187,21 +179,25 @@ class ControlServer:
                         return
                     if line is None:
                         return
-                    reply = self._handle(line, peer)
+                    reply = self._handle(line, peer, quick)
                     conn.settimeout(SEND_TIMEOUT_S)
                     conn.sendall(reply)
+                    if quick:
+                        return
         except OSError as exc:  # the client went away mid-reply
             log.debug("control connection dropped", error=str(exc))
         finally:
             with self._lock:
                 self._conns.discard(conn)
-            self._slots.release()
+            self._admission.release(ids[1], lane)
 
-    def _handle(self, line: bytes, peer: PeerCred) -> bytes:
+    def _handle(self, line: bytes, peer: PeerCred, quick: bool) -> bytes:
         cmd = "?"
         try:
             request = decode_request(line)
             cmd = request.cmd
+            if quick and cmd not in QUICK_COMMANDS:
+                return encode_error(BUSY + f"; only {' and '.join(sorted(QUICK_COMMANDS))} are answered now", "busy")
             command = COMMANDS.get(cmd)
             if command is not None and command.mutating:
                 shown = {k: v for k, v in request.args.items() if k != "env"}  # env may hold secrets
@@ -242,22 +238,8 @@ def _read_line(conn: socket.socket, buf: bytearray, timeout_s: float) -> bytes |
         buf += chunk
 
 
-def _refuse_busy(conn: socket.socket) -> None:
-    with conn:
-        try:
-            conn.settimeout(0.5)
-            conn.sendall(encode_error("daemon busy: too many control connections, try again", "busy"))
-        except OSError:
-            pass
-
-
-def peer_cred(conn: socket.socket) -> PeerCred:
-    """pid/uid/gid from SO_PEERCRED, supplementary groups from the user database."""
-    pid, uid, gid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-    return PeerCred(pid, uid, gid, _groups(pid, uid, gid))
-
-
 def _groups(pid: int, uid: int, gid: int) -> tuple[int, ...]:
+    """Supplementary groups from the user database, else from /proc."""
     try:
         return tuple(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
     except (KeyError, OSError):

@@ -14,6 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gpuguard.control.client import CommandFailed, request
+from gpuguard.control.limits import Limits
 from gpuguard.control.protocol import MAX_REQUEST_BYTES, encode_request
 from gpuguard.control.server import ControlServer, ControlServerError
 
@@ -173,22 +174,51 @@ def test_fifty_concurrent_clients(tmp_path: Path) -> None:
     assert [r["status"] for r in results] == ["healthy"] * 50
 
 
-def test_beyond_max_connections_the_answer_is_busy(tmp_path: Path) -> None:
-    with serving(tmp_path, max_connections=2) as (_, path):
+def answered_once_free(path: Path, cmd: str = "check") -> dict[str, Any]:
+    """The reply once a slot is free again (a closed connection frees its slot
+    a moment after the client sees the close)."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            return request(path, cmd, {})
+        except CommandFailed as exc:
+            assert exc.code == "busy" and time.monotonic() < deadline
+            time.sleep(0.02)
+
+
+def test_beyond_the_limits_the_answer_is_busy(tmp_path: Path) -> None:
+    limits = Limits(total=2, per_uid=2, root_reserved=0, quick=1, quick_per_uid=1)
+    with serving(tmp_path, limits=limits) as (_, path):
         with connect(path) as a, connect(path) as b:
             a.sendall(b"{")
             b.sendall(b"{")
-            with pytest.raises(CommandFailed) as info:
-                request(path, "status", {})
-            assert info.value.code == "busy"
-        deadline = time.monotonic() + 5
-        while True:  # the two slots come free once their threads see the close
-            try:
-                assert request(path, "check", {})["status"] == "healthy"
-                break
-            except CommandFailed:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+            with connect(path) as quick:  # the full lane is taken: the quick lane answers one check, then closes
+                quick.sendall(encode_request("check") + encode_request("check"))
+                assert read_reply(quick)["result"]["status"] == "healthy"
+                assert closed(quick)
+            assert answered_once_free(path, "status")["daemon"]["backend"] == "simulated"
+            answered_once_free(path)
+            with connect(path) as quick:  # ... and nothing that changes anything
+                quick.sendall(encode_request("exclude", {"gpu": "0"}))
+                reply = read_reply(quick)
+                assert reply["code"] == "busy" and "only check and status are answered now" in reply["error"]
+            answered_once_free(path)
+            with connect(path) as c:  # both lanes taken: busy at once
+                c.sendall(b"{")
+                with pytest.raises(CommandFailed) as info:
+                    request(path, "status", {})
+                assert info.value.code == "busy" and "too many control connections" in info.value.message
+        assert answered_once_free(path)["status"] == "healthy"  # the slots come free once their threads see the close
+
+
+def test_a_quick_lane_client_gets_a_short_deadline(tmp_path: Path) -> None:
+    limits = Limits(total=1, per_uid=1, root_reserved=0, quick=1, quick_per_uid=1, quick_timeout_s=0.3)
+    with serving(tmp_path, limits=limits, request_timeout_s=30) as (_, path):
+        with connect(path) as held, connect(path) as quick:
+            held.sendall(b"{")
+            started = time.monotonic()
+            assert quick.recv(10) == b""  # dropped without a reply at the quick deadline, not after 30 s
+            assert time.monotonic() - started < 5
 
 
 def test_socket_mode_group_and_no_leftovers(tmp_path: Path) -> None:
