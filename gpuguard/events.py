@@ -41,8 +41,14 @@ class EventKind(enum.StrEnum):
     DAEMON_STOPPED = "daemon_stopped"
     GPU_RECOVERED = "gpu_recovered"
     JOB_WAITING = "job_waiting"
+    JOB_CRASHED = "job_crashed"
+    JOB_ADOPTED = "job_adopted"  # a new daemon found the job's process running
+    JOB_STOPPING_DONE = "job_stopping_done"  # stopped for a restart
+    JOB_STOP_INCOMPLETE = "job_stop_incomplete"  # processes survived SIGKILL
+    GPU_PROBATION_FAILED = "gpu_probation_failed"
     SNAPSHOT_SAVED = "snapshot_saved"
     SNAPSHOT_REJECTED = "snapshot_rejected"
+    SNAPSHOT_CORRUPT = "snapshot_corrupt"  # a kept snapshot no longer matches its sha256: skipped
     NODE_HOOK = "node_hook"
     # a process gpuguard did not start holds a faulted GPU and was left unsignalled
     FOREIGN_NOT_SIGNALLED = "foreign_not_signalled"

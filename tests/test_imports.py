@@ -1,10 +1,144 @@
-"""The daemon stays light: none of its modules imports torch or ultralytics
-(those live in gpuguard/integrations/, in the job's process)."""
+"""The import graph keeps the layers: data flows one way (sources -> health ->
+policy -> actions), a lower layer never imports a higher one, no module
+cycle, and the daemon stays light (no torch or ultralytics outside
+gpuguard/integrations/, which run in the job's process)."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
+
+import gpuguard
+
+ROOT = Path(gpuguard.__file__).parent
+
+# lowest first; a module's layer is that of its longest matching prefix
+LAYERS: dict[str, int] = {
+    # shared vocabulary: no behaviour
+    "gpuguard": 0,
+    "gpuguard.contract": 0,
+    "gpuguard.observations": 0,
+    "gpuguard.events": 0,
+    "gpuguard.health.types": 0,
+    "gpuguard.nvml.types": 0,
+    "gpuguard.sdnotify": 0,
+    "gpuguard.logs": 0,
+    "gpuguard.config": 1,
+    # sources
+    "gpuguard.nvml": 2,
+    "gpuguard.sim": 2,
+    "gpuguard.kmsg": 2,
+    # health
+    "gpuguard.health": 3,
+    # policy and actions
+    "gpuguard.store": 4,
+    "gpuguard.actions": 4,
+    "gpuguard.supervisor": 4,
+    "gpuguard.control": 4,
+    # the wiring
+    "gpuguard.daemon": 5,
+    "gpuguard.metrics": 5,
+    # front ends
+    "gpuguard.ctl": 6,
+    "gpuguard.demo": 6,
+}
+# what the supervisor's ports may import: it is the supervisor's whole view of the node
+PORTS_MAY_IMPORT = {"gpuguard.health.types", "gpuguard.events", "gpuguard.nvml.types"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def gpuguard_imports(path: Path) -> set[str]:
+    """Every gpuguard module the file imports, at any depth of the file (imports
+    inside functions count too: they are the same dependency, only later)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("gpuguard")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gpuguard") and node.level == 0:
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if (ROOT.parent / sub.replace(".", "/")).with_suffix(".py").exists() or (ROOT.parent / sub.replace(".", "/")).is_dir() else node.module)
+    return found
+
+
+def layer(name: str) -> int:
+    best = max((p for p in LAYERS if name == p or name.startswith(p + ".")), key=len)
+    return LAYERS[best]
+
+
+def graph() -> dict[str, set[str]]:
+    return {
+        module_name(path): gpuguard_imports(path)
+        for path in sorted(ROOT.rglob("*.py"))
+        if "integrations" not in path.parts
+    }
+
+
+def test_no_module_imports_a_higher_layer() -> None:
+    wrong = [
+        f"{mod} (layer {layer(mod)}) imports {dep} (layer {layer(dep)})"
+        for mod, deps in graph().items()
+        for dep in deps
+        if layer(dep) > layer(mod)
+    ]
+    assert wrong == []
+
+
+def test_the_supervisor_never_reaches_into_the_daemon() -> None:
+    wrong = [f"{m} imports {d}" for m, deps in graph().items() if m.startswith("gpuguard.supervisor") for d in deps if d.startswith("gpuguard.daemon")]
+    assert wrong == []
+    ports = graph()["gpuguard.supervisor.ports"]
+    assert ports <= PORTS_MAY_IMPORT, ports - PORTS_MAY_IMPORT
+
+
+def test_no_import_cycle() -> None:
+    g = graph()
+    # a package's __init__ is not an edge to its submodules: only real module-to-module imports
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+    cycle: list[str] = []
+
+    def visit(node: str, path: list[str]) -> bool:
+        state[node] = 1
+        for dep in sorted(g.get(node, ())):
+            if dep == node or dep not in g:
+                continue
+            if state.get(dep) == 1:
+                cycle.extend(path[path.index(dep) :] + [dep] if dep in path else [node, dep])
+                return True
+            if state.get(dep) is None and visit(dep, path + [dep]):
+                return True
+        state[node] = 2
+        return False
+
+    for start in sorted(g):
+        if state.get(start) is None and visit(start, [start]):
+            break
+    assert cycle == [], " -> ".join(cycle)
+
+
+def test_the_job_side_imports_only_the_contract() -> None:
+    """gpuguard/integrations/ runs in the trainer: it may use the contract's names, nothing of the daemon."""
+    wrong = [
+        f"{path.name} imports {dep}"
+        for path in sorted((ROOT / "integrations").glob("*.py"))
+        for dep in gpuguard_imports(path)
+        if not dep.startswith(("gpuguard.integrations", "gpuguard.contract"))
+    ]
+    assert wrong == []
+
+
+def test_a_lower_layer_import_is_caught() -> None:
+    """The checker itself: an import upward is reported (so the tests above can fail)."""
+    assert layer("gpuguard.supervisor.runner") < layer("gpuguard.daemon.service")
+    assert layer("gpuguard.health.types") < layer("gpuguard.health.rules")
+    assert layer("gpuguard.nvml.types") < layer("gpuguard.nvml.real")
+
 
 CODE = """
 import importlib, pkgutil, sys

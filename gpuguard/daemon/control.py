@@ -10,13 +10,12 @@ from typing import Any
 import psutil
 
 from gpuguard.control.commands import CommandError, PeerCred
+from gpuguard.daemon.gpus import Pool
 from gpuguard.daemon.service import Daemon
-from gpuguard.health.types import GpuState
+from gpuguard.health.types import UNHEALTHY_STATES, GpuState
 from gpuguard.nvml.types import GpuInfo
-from gpuguard.supervisor.supervisor import JobError, Supervisor
-
-# states a node health check treats as "this node is not fit for work"
-UNHEALTHY_STATES = (GpuState.FAULTED, GpuState.EXCLUDED, GpuState.RESETTING, GpuState.UNKNOWN)
+from gpuguard.supervisor.jobspec import JobError
+from gpuguard.supervisor.supervisor import Supervisor
 
 
 def _who(peer: PeerCred) -> str:
@@ -78,37 +77,39 @@ class DaemonController:
         assert self.daemon.supervisor is not None
         return self.daemon.supervisor
 
+    def _pool(self) -> Pool:
+        assert self.daemon.pool is not None
+        return self.daemon.pool
+
     # --- changing ------------------------------------------------------
     def exclude(self, gpu: str, reason: str | None, peer: PeerCred) -> dict[str, Any]:
         info = self._gpu(gpu)
         text = reason or "excluded by operator"
-        self.daemon.exclude_gpu(info.uuid, text, by=_who(peer))
+        self._pool().exclude(info.uuid, text, by=_who(peer))
         return {"gpu": info.uuid, "index": info.index, "state": GpuState.EXCLUDED.value, "reason": text}
 
     def include(self, gpu: str, peer: PeerCred) -> dict[str, Any]:
         info = self._gpu(gpu)
-        changed = self.daemon.include_gpu(info.uuid, by=_who(peer))
-        state, reason = self.daemon.gpu_state(info.uuid)
+        changed = self._pool().include(info.uuid, by=_who(peer))
+        state, reason = self._pool().state(info.uuid)
         return {"gpu": info.uuid, "index": info.index, "changed": changed, "state": state.value, "reason": reason}
 
     def reset(self, gpu: str, peer: PeerCred) -> dict[str, Any]:
         info = self._gpu(gpu)
-        result = self.daemon.reset_gpu(info.uuid, by=_who(peer))
+        result = self._pool().reset(info.uuid, by=_who(peer))
         if not result.ok:
             raise CommandError(f"GPU {info.index}: {result.detail}", code="failed")
         return {"gpu": info.uuid, "index": info.index, "ok": True, "detail": result.detail}
 
     def inject(self, gpu: str, fault: str, value: str | None, peer: PeerCred) -> dict[str, Any]:
-        from gpuguard.sim.backend import SimulatedBackend
-
-        backend = self.daemon.backend
-        if not isinstance(backend, SimulatedBackend):
+        sim = self.daemon.backend.simulator
+        if sim is None:
             raise CommandError("inject works only on simulated GPUs (gpuguardd --simulate N)", code="refused")
         info = self._gpu(gpu)
         if fault.strip().lower() == "attach" and peer.uid != 0:
             _own_process(value, peer)  # the daemon may signal what is attached: only the caller's own
         try:
-            description = backend.inject(info.index, fault, value)
+            description = sim.inject(info.index, fault, value)
         except ValueError as exc:
             raise CommandError(str(exc), code="bad_request") from None
         self.daemon.request_poll()
@@ -117,7 +118,8 @@ class DaemonController:
     def run(self, spec: dict[str, Any], peer: PeerCred) -> dict[str, Any]:
         with _job_errors():
             job = self._supervisor().submit(spec, peer.uid, peer.gid, peer.groups)
-        return {"name": job.name, "state": job.state.value, "gpus": job.gpus, "pid": job.pid, "attempt": job.attempt}
+        a = job.attempt
+        return {"name": job.name, "state": job.state.value, "gpus": list(a.gpus), "pid": a.pid, "attempt": a.number}
 
     def stop(self, name: str, peer: PeerCred) -> dict[str, Any]:
         with _job_errors():

@@ -126,7 +126,7 @@ class Monitor:
     @staticmethod
     def _xid_action(track: GpuTrack, obs: XidObservation) -> Action:
         recovery = track.snapshot.recovery_action if track.snapshot else None
-        return xid_catalog.resolve(xid_catalog.lookup(obs.xid), recovery)[0]
+        return xid_catalog.action_of(obs.xid, recovery)
 
     # --- verdicts ------------------------------------------------------
     def evaluate(self, now: float) -> list[Event]:

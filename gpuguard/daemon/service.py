@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -24,18 +24,23 @@ import structlog
 
 from gpuguard import __version__, sdnotify
 from gpuguard.actions.hooks import NodeHooks
-from gpuguard.actions.reset import ResetResult, reset_argv, run_reset_command
-from gpuguard.config import Config, ResetConfig
-from gpuguard.daemon.monitor import Monitor, snapshot_metrics
-from gpuguard.events import Event
-from gpuguard.health.types import Action, GpuState, Severity
+from gpuguard.config import Config
+from gpuguard.daemon.facts import gpu_facts, settings_of
+from gpuguard.daemon.gpus import Pool
+from gpuguard.daemon.monitor import Monitor
+from gpuguard.daemon.reload import merge_reload
+from gpuguard.events import Event, EventKind
+from gpuguard.health.types import Severity
 from gpuguard.kmsg.parser import PciMapping
 from gpuguard.kmsg.reader import KernelLogSource
 from gpuguard.nvml.backend import Backend
 from gpuguard.nvml.types import DriverInfo, GpuInfo, NvmlEvent
 from gpuguard.observations import XidObservation
 from gpuguard.metrics import MetricsServer, start_metrics_server
-from gpuguard.store import EventStore, QuarantineEntry
+from gpuguard.store import EventStore
+from gpuguard.supervisor.files import JobFiles
+from gpuguard.supervisor.ports import Facts, Ports
+from gpuguard.supervisor.snapshots import SnapshotRing
 from gpuguard.supervisor.supervisor import Supervisor
 
 log = structlog.get_logger("gpuguard.daemon")
@@ -59,27 +64,6 @@ class _Reload:
     """SIGHUP: read the config again."""
 
 
-# Keys read once at start-up: changing them needs a restart, because they
-# name the sockets, files and backend the daemon already holds open, or, for
-# the checkpoint signal, what running jobs were told in their environment.
-RESTART_KEYS = (
-    "daemon.socket",
-    "daemon.state_dir",
-    "daemon.admin_group",
-    "daemon.socket_mode",
-    "daemon.log_format",
-    "monitor.kernel_log",
-    "monitor.nvml_timeout_s",
-    "monitor.nvml_events",
-    "jobs.checkpoint_signal",
-    "jobs.snapshots_keep",
-    "jobs.snapshots_max_bytes",
-    "metrics.enabled",
-    "metrics.address",
-    "metrics.port",
-)
-
-
 class Daemon:
     def __init__(
         self,
@@ -99,21 +83,15 @@ class Daemon:
         self.stopping = threading.Event()
         self.started_at = time.time()
         self.last_poll_at: float | None = None
-        self.resetting: set[str] = set()
         self.driver: DriverInfo = DriverInfo(None, None, None)
         self.inventory: list[GpuInfo] = []
         self.monitor: Monitor | None = None
+        self.pool: Pool | None = None
         self.supervisor: Supervisor | None = None
         self._threads: list[threading.Thread] = []
-        # held around every NVML use that a reset must not overlap
-        self._poll_lock = threading.Lock()
-        self._events_lock = threading.Lock()
         self.hooks = NodeHooks(config.hooks, self.record)
         self._xid_counts: collections.Counter[tuple[str, int]] = collections.Counter()
-        self._node_bad: frozenset[str] | None = None
         self.metrics_server: MetricsServer | None = None
-        # the store is the memory; this copy keeps the hot path free of SQL
-        self.excluded: dict[str, QuarantineEntry] = store.excluded()
         self._kernel_log: KernelLogSource | None = None
 
     # --- lifecycle -----------------------------------------------------
@@ -123,10 +101,22 @@ class Daemon:
         self.driver = self.backend.driver_info()
         self.inventory = self.backend.inventory()
         self.monitor = Monitor(self.inventory, self.config.health)
-        self.supervisor = Supervisor(self)
+        self.pool = Pool(
+            backend=self.backend,
+            monitor=self.monitor,
+            store=self.store,
+            config=lambda: self.config,
+            record=self.record,
+            hooks=self.hooks,
+            lock=self.lock,
+            request_poll=self.request_poll,
+            last_poll_at=lambda: self.last_poll_at,
+            stopping=self.stopping,
+        )
+        self.supervisor = self._make_supervisor(self.pool)
         self.record(
             Event(
-                kind="daemon_started",
+                kind=EventKind.DAEMON_STARTED,
                 severity=Severity.INFO,
                 message=f"gpuguardd {__version__} started: {len(self.inventory)} GPU(s), backend {self.backend.kind}",
                 data={"pid": os.getpid(), "driver_version": self.driver.driver_version},
@@ -138,7 +128,7 @@ class Daemon:
         self.poll()  # jobs are placed on GPUs whose health is known
         with self.lock:
             self.monitor.evaluate(time.time())
-            self.supervisor.start()
+            self.supervisor.start(self.config.job, self.facts())
         self._spawn("kmsg", self._kernel_log_loop)
         if self.config.metrics.enabled:
             try:
@@ -147,6 +137,29 @@ class Daemon:
                 log.error("metrics_unavailable", address=self.config.metrics.address, port=self.config.metrics.port, error=str(exc))
         if self.config.monitor.nvml_events:
             self._spawn("nvml-events", self._nvml_event_loop)
+
+    def _make_supervisor(self, pool: Pool) -> Supervisor:
+        daemon = self.config.daemon
+        ports = Ports(
+            pool=pool,
+            record=self.record,
+            records=self.store,
+            wake=self.wake,
+            settings=lambda: settings_of(self.config),
+            facts=self.facts,
+        )
+        ring = SnapshotRing(
+            daemon.state_dir / "snapshots", keep_newest=self.config.jobs.snapshots_keep, max_bytes=self.config.jobs.snapshots_max_bytes
+        )
+        for path in (daemon.state_dir, ring.root):
+            path.chmod(0o711)  # jobs must reach their snapshot and runtime files, not list them
+        return Supervisor(ports, JobFiles(daemon.state_dir / "jobs", daemon.socket.parent / "jobs"), ring)
+
+    def facts(self) -> Facts:
+        """Every GPU as the supervisor sees it now."""
+        assert self.pool is not None
+        with self.lock:
+            return gpu_facts(self.pool)
 
     def _spawn(self, name: str, target: Any) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -160,7 +173,7 @@ class Daemon:
     def close(self) -> None:
         """After run() returned: release sources, the backend and the store."""
         sdnotify.notify("STOPPING=1")
-        self.record(Event(kind="daemon_stopped", severity=Severity.INFO, message="gpuguardd stopped"))
+        self.record(Event(kind=EventKind.DAEMON_STOPPED, severity=Severity.INFO, message="gpuguardd stopped"))
         if self._kernel_log is not None:
             self._kernel_log.close()
         if self.supervisor is not None:
@@ -191,13 +204,15 @@ class Daemon:
                     log.debug("kernel_log_gpu_mapping", pci_bus_id=item.pci_bus_id, gpu_uuid=item.uuid)
 
     def _nvml_event_loop(self) -> None:
+        assert self.pool is not None
+        pool = self.pool
         while not self.stopping.is_set():
-            if self.resetting:
+            if pool.resetting:
                 self.stopping.wait(EVENT_WAIT_S)
                 continue
             try:
-                with self._events_lock:
-                    events = [] if self.resetting else self.backend.wait_events(EVENT_WAIT_S)
+                with pool.events_lock:
+                    events = [] if pool.resetting else self.backend.wait_events(EVENT_WAIT_S)
             except Exception as exc:
                 log.warning("nvml_events_failed", error=str(exc))
                 self.stopping.wait(5.0)
@@ -222,12 +237,12 @@ class Daemon:
                 self.poll()
                 next_poll = max(next_poll + interval, now_mono + (0 if poll_now else interval * 0.5))
             with self.lock:
-                assert self.monitor is not None and self.supervisor is not None
+                assert self.monitor is not None and self.supervisor is not None and self.pool is not None
                 now = time.time()
                 for event in self.monitor.evaluate(now):
                     self.record(event)
-                self.supervisor.tick(now)
-                self._node_hooks()
+                self.supervisor.tick(now, gpu_facts(self.pool))
+                self.pool.tick(now, self.supervisor.jobs_on)
             if not ready and self.last_poll_at is not None:
                 ready = True
                 sdnotify.notify("READY=1\nSTATUS=" + self.summary())
@@ -277,8 +292,9 @@ class Daemon:
             self.queue.put(_PollNow())
 
     def poll(self) -> None:
-        with self._poll_lock:
-            if self.resetting:
+        assert self.pool is not None
+        with self.pool.poll_lock:
+            if self.pool.resetting:
                 return  # NVML is closed around a reset
             snapshots = self.backend.poll()
         with self.lock:
@@ -305,184 +321,25 @@ class Daemon:
         except Exception as exc:  # a bad edit must not stop a running daemon
             log.error("config_reload_failed", error=str(exc))
             return
-        old = self.config
-        ignored = [
-            key
-            for key in RESTART_KEYS
-            if getattr(getattr(old, key.split(".")[0]), key.split(".")[1])
-            != getattr(getattr(new, key.split(".")[0]), key.split(".")[1])
-        ]
-        monitor_cfg = replace(
-            new.monitor,
-            kernel_log=old.monitor.kernel_log,
-            nvml_timeout_s=old.monitor.nvml_timeout_s,
-            nvml_events=old.monitor.nvml_events,
-        )
-        if new.job != old.job:
-            ignored.append("[[job]]")  # config jobs are started once, at start-up
-        jobs_cfg = replace(
-            new.jobs,
-            checkpoint_signal=old.jobs.checkpoint_signal,
-            snapshots_keep=old.jobs.snapshots_keep,
-            snapshots_max_bytes=old.jobs.snapshots_max_bytes,
-        )
+        merged, ignored = merge_reload(self.config, new)
         with self.lock:
-            self.config = replace(new, daemon=old.daemon, monitor=monitor_cfg, jobs=jobs_cfg, job=old.job)
+            self.config = merged
             if self.monitor is not None:
                 self.monitor.config = new.health
             self.hooks.config = new.hooks
         logging.getLogger().setLevel(new.daemon.log_level.upper())
         log.info("config_reloaded", source=str(new.source), needs_restart=ignored or None)
 
-    # --- actions -------------------------------------------------------
-    def reset_gpu(self, uuid: str, by: str) -> ResetResult:
-        """Reset one GPU now, if nothing holds it; records a gpu_reset event."""
-        assert self.monitor is not None
-        info = self.monitor.tracks[uuid].info
-        with self.lock:
-            if uuid in self.resetting:
-                return ResetResult(False, "a reset of this GPU is already in progress")
-            snap = self.monitor.tracks[uuid].snapshot
-            holders = sorted(p.pid for p in (snap.processes if snap else ()) if p.pid != os.getpid())
-            if holders:
-                return ResetResult(False, f"refused: processes still hold the GPU (pids {', '.join(map(str, holders))})")
-            self.resetting.add(uuid)
-        try:
-            result = self._reset(info)
-        finally:
-            with self.lock:
-                self.resetting.discard(uuid)
-        if result.ok:
-            with self.lock:
-                self.monitor.clear_xids(uuid, {Action.RESET_GPU})
-        self.record(
-            Event(
-                kind="gpu_reset",
-                severity=Severity.INFO if result.ok else Severity.ERROR,
-                message=f"GPU {info.index} reset {'succeeded' if result.ok else 'failed'}: {result.detail}",
-                gpu=uuid,
-                data={"ok": result.ok, "by": by, "argv": list(result.argv), "pci_bus_id": info.pci_bus_id},
-            )
-        )
-        self.request_poll()
-        return result
-
-    def _reset(self, info: GpuInfo) -> ResetResult:
-        from gpuguard.sim.backend import SimulatedBackend
-
-        with self._poll_lock, self._events_lock:
-            argv = reset_argv(self.config.reset.command, info)
-            if isinstance(self.backend, SimulatedBackend):
-                # a reset command set in the config runs first (tests record it);
-                # the simulated hardware resets only if it succeeds
-                if self.config.reset.command != ResetConfig().command:
-                    result = run_reset_command(argv, self.config.reset.timeout_s)
-                    if not result.ok:
-                        return result
-                ok, detail = self.backend.reset(info.index)
-                return ResetResult(ok, detail, tuple(argv))
-            self.backend.close()
-            try:
-                return run_reset_command(argv, self.config.reset.timeout_s)
-            finally:
-                self.backend.open()
-
-    def exclude_gpu(self, uuid: str, reason: str, by: str) -> None:
-        """Quarantine a GPU (persists across restarts) and say so."""
-        assert self.monitor is not None
-        info = self.monitor.tracks[uuid].info
-        self.store.exclude(uuid, reason, by=by)
-        self.excluded = self.store.excluded()
-        self.record(
-            Event(
-                kind="gpu_excluded",
-                severity=Severity.WARNING,
-                message=f"GPU {info.index} excluded by {by}: {reason}",
-                gpu=uuid,
-                data={"by": by, "pci_bus_id": info.pci_bus_id},
-            )
-        )
-
-    def include_gpu(self, uuid: str, by: str, why: str = "") -> bool:
-        """Return a GPU to service; False when it was not excluded."""
-        assert self.monitor is not None
-        info = self.monitor.tracks[uuid].info
-        changed = self.store.include(uuid)
-        self.excluded = self.store.excluded()
-        if changed:
-            self.record(
-                Event(
-                    kind="gpu_included",
-                    severity=Severity.INFO,
-                    message=f"GPU {info.index} returned to service by {by}" + (f": {why}" if why else ""),
-                    gpu=uuid,
-                    data={"by": by, "pci_bus_id": info.pci_bus_id},
-                )
-            )
-        return changed
-
-    def resets_today(self, uuid: str) -> int:
-        since = time.time() - 86400
-        return sum(1 for e in self.store.events(limit=None, gpu=uuid, kinds=["gpu_reset"]) if e.ts >= since and e.data.get("ok"))
-
-    def schedule_reset(self, uuid: str, by: str) -> None:
-        """After a job left a GPU of the reset class: reset it, then probation."""
-        if self.resets_today(uuid) >= self.config.reset.max_per_gpu_per_day:
-            self.record(
-                Event(
-                    kind="gpu_reset",
-                    severity=Severity.ERROR,
-                    gpu=uuid,
-                    message=f"no reset of this GPU: {self.config.reset.max_per_gpu_per_day} reset(s) in the last 24 h already; it stays excluded",
-                    data={"ok": False, "by": by, "skipped": True},
-                )
-            )
-            return
-
-        def run() -> None:
-            asked = time.time()
-            self.request_poll()  # the process list must be fresh: the job just left
-            deadline = time.monotonic() + 3 * self.config.monitor.poll_interval_s + self.config.monitor.nvml_timeout_s
-            while (self.last_poll_at or 0) <= asked and time.monotonic() < deadline and not self.stopping.is_set():
-                time.sleep(0.02)
-            result = self.reset_gpu(uuid, by=by)
-            if result.ok and self.supervisor is not None:
-                with self.lock:
-                    self.supervisor.start_probation(uuid)
-
-        threading.Thread(target=run, name=f"reset-{uuid[:12]}", daemon=True).start()
-
     def xid_counts(self) -> dict[tuple[str, int], int]:
         """Xids seen per (GPU, code) since the daemon started, for the metrics."""
         with self.lock:
             return dict(self._xid_counts)
 
-    def _node_hooks(self) -> None:
-        """Run the node hooks when the set of unfit GPUs changes."""
-        from gpuguard.daemon.control import UNHEALTHY_STATES
-
-        assert self.monitor is not None
-        states = {uuid: self.gpu_state(uuid) for uuid in self.monitor.tracks}
-        uuids = frozenset(u for u, (state, _) in states.items() if state in UNHEALTHY_STATES)
-        if uuids == self._node_bad:
-            return
-        previous, self._node_bad = self._node_bad, uuids
-        gpus = self.gpu_status()
-        bad = [g for g in gpus if g["uuid"] in uuids]
-        if bad:
-            self.hooks.on_unhealthy("; ".join(f"GPU {g['index']} {g['state']}: {g['reason'] or g['state']}" for g in bad), bad)
-        elif previous:
-            self.hooks.on_recovered(f"all {len(gpus)} GPU(s) healthy", gpus)
-
-    def node_unhealthy(self, reason: str) -> None:
-        """The node itself needs attention (a reboot-class fault)."""
-        log.critical("node_unhealthy", reason=reason)
-
     # --- events --------------------------------------------------------
     def record(self, event: Event) -> Event:
         """Store an event and log it at its severity (faults at err or above)."""
         stored = self.store.append(event)
-        if event.kind == "xid" and event.gpu and event.xid is not None:
+        if event.kind == EventKind.XID and event.gpu and event.xid is not None:
             with self.lock:
                 self._xid_counts[(event.gpu, event.xid)] += 1
         fields: dict[str, Any] = {"kind": event.kind, "gpu_uuid": event.gpu, "job": event.job}
@@ -500,47 +357,10 @@ class Daemon:
         return stored
 
     # --- views ---------------------------------------------------------
-    def gpu_state(self, uuid: str) -> tuple[GpuState, str | None]:
-        """The state an operator sees: quarantine and reset over health."""
-        assert self.monitor is not None
-        if uuid in self.resetting:
-            return GpuState.RESETTING, "reset in progress"
-        quarantine = self.excluded.get(uuid)
-        if quarantine is not None:
-            return GpuState.EXCLUDED, quarantine.reason
-        verdict = self.monitor.verdict(uuid)
-        if verdict is None:
-            return GpuState.UNKNOWN, "no sample yet"
-        return verdict.state, verdict.reason
-
     def gpu_status(self) -> list[dict[str, Any]]:
-        assert self.monitor is not None
-        out = []
-        excluded = self.excluded
-        with self.lock:
-            for uuid, track in self.monitor.tracks.items():
-                state, reason = self.gpu_state(uuid)
-                verdict = track.verdict
-                entry: dict[str, Any] = {
-                    "index": track.info.index,
-                    "uuid": uuid,
-                    "pci_bus_id": track.info.pci_bus_id,
-                    "name": track.info.name,
-                    "state": state.value,
-                    "reason": reason,
-                    "jobs": self.supervisor.jobs_on(uuid) if self.supervisor else [],
-                    "health": verdict.state.value if verdict else GpuState.UNKNOWN.value,
-                    "action": verdict.action.value if verdict else None,
-                    "findings": [
-                        {"kind": f.kind, "severity": f.severity.value, "action": f.action.value, "message": f.message, "xid": f.xid}
-                        for f in (verdict.findings if verdict else ())
-                    ],
-                    "excluded": uuid in excluded,
-                    "serial": track.info.serial,
-                }
-                entry.update(snapshot_metrics(track.snapshot))
-                out.append(entry)
-        return out
+        assert self.pool is not None
+        supervisor = self.supervisor
+        return self.pool.status(supervisor.jobs_on if supervisor else lambda _uuid: [])
 
     def status(self) -> dict[str, Any]:
         return {
@@ -567,10 +387,10 @@ class Daemon:
 
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
-        assert self.monitor is not None
+        assert self.monitor is not None and self.pool is not None
         counts: dict[str, int] = {}
         for uuid in self.monitor.tracks:
-            state, _ = self.gpu_state(uuid)
+            state, _ = self.pool.state(uuid)
             counts[state.value] = counts.get(state.value, 0) + 1
         parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         return f"{len(self.monitor.tracks)} GPU(s): {parts or 'none'}"

@@ -15,6 +15,10 @@ class GpuState(enum.StrEnum):
     UNKNOWN = "unknown"  # no data: never read as healthy
 
 
+# states a node health check treats as "this node is not fit for work"
+UNHEALTHY_STATES = frozenset({GpuState.FAULTED, GpuState.EXCLUDED, GpuState.RESETTING, GpuState.UNKNOWN})
+
+
 class Action(enum.StrEnum):
     """The recommended action, ordered from mildest to strongest."""
 

@@ -3,8 +3,8 @@
 Source: NVIDIA's Xid catalog
 (https://docs.nvidia.com/deploy/xid-errors/analyzing-xid-catalog.html, sheet
 "Catalog"), taken from the copy leptonai/gpud generated on 2025-10-29
-(components/accelerator/nvidia/xid/catalog_generated.go, Apache-2.0); see
-/work/shared/reference/SOURCE.md. It ships as `xid_catalog.csv` beside this
+(components/accelerator/nvidia/xid/catalog_generated.go, Apache-2.0); the
+project's reference notes (shared/reference/SOURCE.md) say how. It ships as `xid_catalog.csv` beside this
 module and is read once. NVIDIA's immediate resolution is mapped to
 gpuguard's `Action` by the `IMMEDIATE_ACTIONS` table below, so a catalog
 update is a data change.
@@ -140,3 +140,8 @@ def resolve(info: XidInfo, recovery: int | None) -> tuple[Action, Severity]:
         _, action, severity = recovery_action(recovery)
         return action, severity
     return info.action, info.severity
+
+
+def action_of(code: int, recovery: int | None = None) -> Action:
+    """What one Xid asks for on a GPU whose recovery-action field reads `recovery`."""
+    return resolve(lookup(code), recovery)[0]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from gpuguard.supervisor.process import _signal_verified
+from gpuguard.supervisor.pids import signal_verified
 
 COMM_LEN = 15  # the kernel keeps this many characters of a process name (TASK_COMM_LEN - 1)
 UNKNOWN = "name unknown"
@@ -133,7 +133,7 @@ def judge(pid: int, sig: signal.Signals, never: Collection[str], proc_root: Path
 def send(pid: int, create_time: float, sig: signal.Signals) -> str | None:
     """Signal the process judged, never another under a reused pid; None when sent, else why not."""
     try:
-        if _signal_verified(pid, create_time, sig):
+        if signal_verified(pid, create_time, sig):
             return None
     except OSError as exc:
         return f"could not signal it: {exc.strerror or exc}"

@@ -8,24 +8,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gpuguard.health.types import Action, GpuState
+from gpuguard.supervisor.ports import GpuFacts
 
 
 class Reaction(enum.StrEnum):
     RESTART_SAME = "restart_same"  # checkpoint, restart on the same GPUs (restart-the-app Xids)
     MOVE = "move"  # checkpoint, stop, restart on healthy GPUs; the bad GPU leaves the pool
     MIGRATE = "migrate"  # degraded: move at the job's pace, only if healthy GPUs are free
-
-
-@dataclass(frozen=True, slots=True)
-class GpuView:
-    """One GPU under a job, as the supervisor sees it this tick."""
-
-    uuid: str
-    state: GpuState  # the effective state (exclusion and reset over health)
-    action: Action  # the health verdict's recommended action
-    reason: str | None
-    # restart-the-app Xids still active on it, as (xid, timestamp): each is acted on once
-    app_xids: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +28,7 @@ class Decision:
     key: tuple[object, ...] = ()  # identifies the fault, so it is acted on once
 
 
-def decide(gpus: Sequence[GpuView], *, migrate_on_degraded: bool, handled: frozenset[tuple[object, ...]]) -> Decision | None:
+def decide(gpus: Sequence[GpuFacts], *, migrate_on_degraded: bool, handled: frozenset[tuple[object, ...]]) -> Decision | None:
     """The strongest reaction any of the job's GPUs calls for, or None.
 
     Faulted beats excluded beats a restart-the-app Xid beats degraded.
@@ -72,7 +61,7 @@ def decide(gpus: Sequence[GpuView], *, migrate_on_degraded: bool, handled: froze
     return None
 
 
-def app_xid_key(gpu: GpuView) -> tuple[object, ...] | None:
+def app_xid_key(gpu: GpuFacts) -> tuple[object, ...] | None:
     """The key of the newest restart-the-app Xid on this GPU (a newer Xid makes a new key), or None.
 
     The supervisor marks the keys present when an attempt starts as handled:

@@ -36,13 +36,11 @@ import psutil
 from gpuguard.supervisor import exitcode
 from gpuguard.supervisor.jobprocess import JobProcess, StopResult, adopt
 from gpuguard.supervisor.pids import become_subreaper
-from gpuguard.supervisor.pids import signal_verified as _signal_verified  # foreign.py imports this name
 
 __all__ = [
     "JobProcess",
     "StopResult",
     "UserSpec",
-    "_signal_verified",
     "adopt",
     "become_subreaper",
     "default_status_path",

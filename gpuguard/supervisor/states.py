@@ -25,6 +25,7 @@ class JobState(enum.StrEnum):
 class JobEvent(enum.StrEnum):
     SPAWNED = "spawned"  # the process is up
     SPAWN_FAILED = "spawn_failed"
+    ADOPTED = "adopted"
     NO_GPUS = "no_gpus"
     GPUS_FREE = "gpus_free"
     FAULT = "fault"  # a GPU under it went bad: ask for a checkpoint
@@ -46,7 +47,8 @@ ACTIVE = frozenset({JobState.STARTING, JobState.RUNNING, JobState.CHECKPOINTING,
 _S, _E = JobState, JobEvent
 _MOVES: dict[tuple[JobState, JobEvent], JobState] = {
     (_S.STARTING, _E.SPAWNED): _S.RUNNING,
-    (_S.STARTING, _E.SPAWN_FAILED): _S.BACKOFF,
+    (_S.STARTING, _E.SPAWN_FAILED): _S.FAILED,
+    (_S.STARTING, _E.ADOPTED): _S.RUNNING,  # a new daemon found the process of an attempt it had not seen run
     (_S.STARTING, _E.NO_GPUS): _S.WAITING,
     (_S.WAITING, _E.GPUS_FREE): _S.STARTING,
     (_S.BACKOFF, _E.BACKOFF_OVER): _S.STARTING,
@@ -63,7 +65,11 @@ _MOVES: dict[tuple[JobState, JobEvent], JobState] = {
     (_S.STOPPING, _E.EXITED_RESTART): _S.STARTING,
     (_S.STOPPING, _E.EXITED_OK): _S.SUCCEEDED,
     (_S.STOPPING, _E.STOPPED): _S.STOPPED,
-    (_S.RUNNING, _E.ROLLBACK): _S.CHECKPOINTING,
+    (_S.STOPPING, _E.TERMINATING): _S.STOPPING,  # a stop resumed by a new daemon
+    # a rollback stops without a checkpoint: one taken now would be newer than the snapshot asked for
+    (_S.RUNNING, _E.ROLLBACK): _S.STOPPING,
+    (_S.CHECKPOINTING, _E.ROLLBACK): _S.STOPPING,
+    (_S.STOPPING, _E.ROLLBACK): _S.STOPPING,
 }
 # an operator's stop and a rollback are accepted from every state that is not final
 for _state in JobState:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 
 from gpuguard.health.types import Action, GpuState
-from gpuguard.supervisor.policy import GpuView, Reaction, app_xid_key, backoff_s, decide
+from gpuguard.supervisor.ports import GpuFacts
+from gpuguard.supervisor.policy import Reaction, app_xid_key, backoff_s, decide
 
 NONE: frozenset[tuple[object, ...]] = frozenset()
 
 
-def view(uuid: str, state: GpuState = GpuState.HEALTHY, action: Action = Action.NONE, **kw: object) -> GpuView:
-    return GpuView(uuid, state, action, kw.pop("reason", None), **kw)  # type: ignore[arg-type]
+def view(uuid: str, state: GpuState = GpuState.HEALTHY, action: Action = Action.NONE, **kw: object) -> GpuFacts:
+    return GpuFacts(uuid, state, action, kw.pop("reason", None), **kw)  # type: ignore[arg-type]
 
 
 def test_healthy_gpus_call_for_nothing() -> None:

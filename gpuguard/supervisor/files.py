@@ -1,0 +1,62 @@
+"""Where a job's files live, and the environment that tells the job about them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpuguard import contract
+from gpuguard.supervisor.job import Job
+
+
+@dataclass(frozen=True, slots=True)
+class JobFiles:
+    """The state dir keeps what must survive (output, exit status); the runtime dir
+    beside the socket holds what the job writes for the daemon (heartbeat, checkpoint path)."""
+
+    jobs_dir: Path  # STATE_DIR/jobs
+    runtime_dir: Path  # the socket's dir /jobs
+
+    def runtime(self, name: str) -> Path:
+        return self.runtime_dir / name
+
+    def heartbeat(self, name: str) -> Path:
+        return self.runtime(name) / "heartbeat"
+
+    def checkpoint_file(self, name: str) -> Path:
+        return self.runtime(name) / "checkpoint-path"
+
+    def log(self, name: str) -> Path:
+        return self.jobs_dir / name / "output.log"
+
+    def status(self, name: str) -> Path:
+        return self.jobs_dir / name / "exit-status"
+
+    def prepare(self, job: Job) -> None:
+        """The job's directories, its runtime dir owned by its user (it writes there)."""
+        (self.jobs_dir / job.name).mkdir(mode=0o700, exist_ok=True)
+        runtime = self.runtime(job.name)
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        user = job.spec.user
+        if user is not None and os.geteuid() == 0:
+            os.chown(runtime, user.uid, user.gid)
+
+
+def job_env(job: Job, files: JobFiles, checkpoint_signal: str, resume: str | None) -> dict[str, str]:
+    """The blueprint's environment minus what is not the job's, plus the contract's variables."""
+    env = {k: v for k, v in job.spec.env.items() if contract.for_job(k)}
+    env |= {
+        contract.CUDA_VISIBLE_DEVICES: ",".join(job.attempt.gpus),
+        contract.ENV_JOB: job.name,
+        contract.ENV_ATTEMPT: str(job.attempt.number),
+        contract.ENV_CHECKPOINT_SIGNAL: checkpoint_signal,
+        contract.ENV_HEARTBEAT: str(files.heartbeat(job.name)),
+        contract.ENV_CHECKPOINT_FILE: str(files.checkpoint_file(job.name)),
+    }
+    if resume:
+        env[contract.ENV_RESUME_FROM] = resume
+    # stock torchrun dies of the checkpoint signal and orphans its workers;
+    # told to handle it, its agent passes it on to every worker (docs/DDP.md)
+    env.setdefault(contract.ENV_TORCHRUN_SIGNALS, f"SIGTERM,SIGINT,SIGHUP,SIGQUIT,{checkpoint_signal}")
+    return env

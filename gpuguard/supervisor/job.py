@@ -1,0 +1,93 @@
+"""A managed job: its blueprint, its current attempt (what the store keeps)
+and the runtime handles that live only as long as this daemon."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpuguard.supervisor.hang import Clock
+from gpuguard.supervisor.jobspec import JobSpec
+from gpuguard.supervisor.process import JobProcess, StopResult
+from gpuguard.supervisor.states import JobState
+
+RECORD_VERSION = 2
+
+
+@dataclass
+class Attempt:
+    """Where the job stands; saved on every change, so a new daemon finds it again."""
+
+    state: JobState = JobState.STARTING
+    number: int = 0  # attempts started so far
+    restarts: int = 0
+    crashes: int = 0  # consecutive crashes, for the backoff
+    gpus: list[str] = field(default_factory=list)
+    pid: int | None = None
+    start_time: float | None = None  # the process's create time: a reused pid is never taken for it
+    started_at: float | None = None
+    backoff_until: float | None = None
+    reason: str | None = None
+    exit_code: int | None = None
+    after_stop: str | None = None  # "restart" | "stopped" | "rollback"
+    resume_pin: str | None = None  # a rollback's snapshot, until a later attempt saves a newer one
+    pin_attempt: int = 0  # the attempt running when the rollback was asked: its late checkpoints do not count
+    pending_resets: list[str] = field(default_factory=list)  # GPUs to reset once the job is off them
+    checkpoint_found: str | None = None  # where the trainer said its checkpoint is (GPUGUARD_CHECKPOINT_FILE)
+
+    @classmethod
+    def from_json(cls, rec: Mapping[str, Any]) -> Attempt:
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in rec.items() if k in names}
+        values["state"] = JobState(rec["state"])
+        return cls(**values)
+
+
+@dataclass
+class Runtime:
+    """Handles of this daemon's life only."""
+
+    proc: JobProcess | None = None
+    stopping: threading.Thread | None = None
+    stop_result: StopResult | None = None
+    handled: set[tuple[object, ...]] = field(default_factory=set)  # fault keys acted on in this attempt
+    clock: Clock | None = None  # hang assessment's memory
+    waiting_reported: bool = False
+
+
+@dataclass
+class Job:
+    spec: JobSpec
+    attempt: Attempt = field(default_factory=Attempt)
+    rt: Runtime = field(default_factory=Runtime)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def state(self) -> JobState:
+        return self.attempt.state
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The checkpoint file to watch: the blueprint's, or the one the trainer named."""
+        if self.spec.checkpoint is not None:
+            return self.spec.checkpoint
+        return Path(self.attempt.checkpoint_found) if self.attempt.checkpoint_found else None
+
+    def record(self) -> dict[str, Any]:
+        attempt = dataclasses.asdict(self.attempt)
+        return {"version": RECORD_VERSION, "state": attempt["state"], "spec": self.spec.to_json(), "attempt": attempt}
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> Job:
+        if "spec" in rec:
+            return cls(JobSpec.from_json(rec["spec"]), Attempt.from_json(rec["attempt"]))
+        # a record of gpuguard before version 2: one flat dict
+        attempt = dict(rec) | {"number": rec.get("attempt", 0)}
+        return cls(JobSpec.from_json(rec), Attempt.from_json(attempt))

@@ -1,0 +1,303 @@
+"""The one owner of job state changes.
+
+Every move of a job goes through `move`: the states.py table says whether it
+is legal, the record is saved, and the event is written, together. Starting
+an attempt, carrying out a fault decision, the stop sequence and what follows
+an exit live here; the Supervisor facade only routes requests and ticks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import structlog
+
+from gpuguard import contract
+from gpuguard.events import Event, EventKind
+from gpuguard.health.types import Action, GpuState, Severity
+from gpuguard.supervisor.files import JobFiles, job_env
+from gpuguard.supervisor.hang import Clock
+from gpuguard.supervisor.intake import CheckpointIntake
+from gpuguard.supervisor.job import Job
+from gpuguard.supervisor.placement import free_gpus, pick_gpus
+from gpuguard.supervisor.policy import Decision, Reaction, app_xid_key, backoff_s
+from gpuguard.supervisor.ports import Facts, GpuFacts, Ports, Settings
+from gpuguard.supervisor.process import StopResult, spawn
+from gpuguard.supervisor.states import ACTIVE, FINAL, JobEvent, JobState, transition
+
+log = structlog.get_logger("gpuguard.supervisor")
+
+TAIL_BYTES = 4096
+_WHAT = {
+    Reaction.RESTART_SAME: "restart on the same GPU",
+    Reaction.MOVE: "move to a healthy GPU",
+    Reaction.MIGRATE: "migrate off a degraded GPU",
+}
+
+
+class JobRunner:
+    def __init__(self, ports: Ports, jobs: dict[str, Job], lock: threading.RLock, files: JobFiles, intake: CheckpointIntake) -> None:
+        self.ports = ports
+        self.jobs = jobs
+        self.lock = lock
+        self.files = files
+        self.intake = intake
+        self.facts: Facts = {}  # the latest facts: of this tick, or fetched for a request
+
+    @property
+    def settings(self) -> Settings:
+        return self.ports.settings()
+
+    # --- the one way a job changes state --------------------------------
+    def move(
+        self,
+        job: Job,
+        event: JobEvent,
+        kind: str | None = None,
+        severity: Severity = Severity.INFO,
+        message: str = "",
+        **extra: Any,
+    ) -> None:
+        """Transition through the table, write the event (when one is given), save the record."""
+        job.attempt.state = transition(job.attempt.state, event)
+        if job.attempt.state in FINAL:
+            job.attempt.gpus = []  # a job in a final state holds no GPU
+        if kind is not None:
+            self.say(job, kind, severity, message, **extra)
+        self.persist(job)
+
+    def persist(self, job: Job) -> bool:
+        try:
+            self.ports.records.put_job(job.name, job.record())
+        except Exception as exc:  # the job goes on; the next change tries again
+            log.error("job_persist_failed", job=job.name, error=str(exc))
+            return False
+        return True
+
+    def say(self, job: Job, kind: str, severity: Severity, message: str, *, gpu: str | None = None, data: dict[str, Any] | None = None) -> None:
+        self.ports.record(Event(kind=kind, severity=severity, message=message, job=job.name, gpu=gpu, data=data or {}))
+
+    def fact(self, uuid: str) -> GpuFacts:
+        found = self.facts.get(uuid)
+        return found if found is not None else GpuFacts(uuid, GpuState.UNKNOWN, Action.NONE, "not a GPU of this node")
+
+    def index(self, uuid: str) -> int | str:
+        found = self.facts.get(uuid)
+        return found.index if found is not None else uuid
+
+    # --- starting -------------------------------------------------------
+    def try_start(self, job: Job, now: float) -> None:
+        """Start the next attempt on free healthy GPUs, or wait for some."""
+        taken = {
+            uuid
+            for j in self.jobs.values()
+            if j is not job and (j.rt.proc is not None or j.state in ACTIVE)
+            for uuid in j.attempt.gpus
+        }
+        gpus = pick_gpus(free_gpus(self.facts, taken), job.attempt.gpus, job.spec.gpus_wanted, job.spec.min_gpus)
+        if gpus is None:
+            if job.state == JobState.STARTING:
+                job.attempt.state = transition(job.state, JobEvent.NO_GPUS)
+            if not job.rt.waiting_reported:
+                job.rt.waiting_reported = True
+                job.attempt.gpus = []
+                needs = job.spec.min_gpus or job.spec.gpus_wanted
+                self.say(job, EventKind.JOB_WAITING, Severity.WARNING, f"job {job.name} is waiting: it needs {needs} healthy GPU(s) and none can take it now")
+                self.persist(job)
+            return
+        if job.state == JobState.WAITING:
+            job.attempt.state = transition(job.state, JobEvent.GPUS_FREE)
+        job.rt.waiting_reported = False
+        job.attempt.gpus = gpus
+        resume = self.intake.resume_from(job)
+        job.attempt.number += 1
+        try:
+            self.files.prepare(job)
+            env = job_env(job, self.files, self.settings.checkpoint_signal, resume)
+            proc = spawn(
+                list(job.spec.command), env=env, cwd=job.spec.workdir, user=job.spec.user,
+                log_path=self.files.log(job.name), status_path=self.files.status(job.name),
+            )
+        except (OSError, ValueError) as exc:
+            job.attempt.reason = f"cannot start: {exc}"
+            self.move(job, JobEvent.SPAWN_FAILED, EventKind.JOB_FAILED, Severity.ERROR, f"job {job.name} failed to start: {exc}")
+            return
+        job.rt.proc = proc
+        job.attempt.pid, job.attempt.start_time = proc.pid, proc.start_time
+        job.attempt.started_at = now
+        job.rt.clock = Clock.start(now)
+        # restart-the-app Xids already on these GPUs (the one that caused this restart, or one from
+        # before the job came) stay in their window for a while: they are not this attempt's business
+        job.rt.handled = {key for uuid in gpus if (key := app_xid_key(self.fact(uuid))) is not None}
+        job.attempt.backoff_until = None
+        self.occupy(job)
+        where = ", ".join(f"GPU {self.index(u)}" for u in gpus)
+        resumed = f", resuming from {resume}" if resume else ""
+        if job.attempt.number == 1:
+            self.move(job, JobEvent.SPAWNED, EventKind.JOB_STARTED, Severity.INFO, f"job {job.name} started on {where} (pid {proc.pid}){resumed}")
+        else:
+            self.move(
+                job, JobEvent.SPAWNED, EventKind.JOB_RESTARTED, Severity.INFO,
+                f"job {job.name} attempt {job.attempt.number} started on {where} (pid {proc.pid}){resumed}",
+                data={"resume_from": resume, "attempt": job.attempt.number},
+            )
+
+    def occupy(self, job: Job) -> None:
+        if job.attempt.pid:
+            for uuid in job.attempt.gpus:
+                self.ports.pool.occupied(uuid, job.attempt.pid)
+
+    def _vacate(self, job: Job) -> None:
+        if job.attempt.pid:
+            for uuid in job.attempt.gpus:
+                self.ports.pool.vacated(uuid, job.attempt.pid)
+        job.rt.proc = None
+        job.attempt.pid = job.attempt.start_time = None
+
+    # --- faults ---------------------------------------------------------
+    def act(self, job: Job, decision: Decision) -> bool:
+        """Carry out a decision; False when it cannot be done now (migrate with no free GPU)."""
+        if decision.reaction == Reaction.MIGRATE:
+            taken = {u for j in self.jobs.values() if j is not job and (j.rt.proc is not None or j.state in ACTIVE) for u in j.attempt.gpus}
+            if len(free_gpus(self.facts, taken)) < len(job.attempt.gpus):
+                return False
+        job.rt.handled.add(decision.key)
+        if decision.exclude:
+            self.ports.pool.exclude(decision.gpu, decision.reason)
+        if decision.node_hook:
+            self.ports.pool.node_unhealthy(decision.reason)
+        if decision.reset:
+            job.attempt.pending_resets.append(decision.gpu)
+        self.move(
+            job, JobEvent.FAULT, EventKind.CHECKPOINT_REQUESTED, Severity.WARNING,
+            f"job {job.name}: GPU {self.index(decision.gpu)} {decision.reason}: checkpoint, then {_WHAT[decision.reaction]}",
+            gpu=decision.gpu,
+        )
+        self.begin_stop(job, "restart", decision.reason, checkpoint=True)
+        return True
+
+    # --- stopping -------------------------------------------------------
+    def begin_stop(
+        self, job: Job, after: str, reason: str, *, checkpoint: bool, grace_s: float | None = None, term_timeout_s: float | None = None
+    ) -> None:
+        """Run the contract's stop sequence on a worker thread; the caller has moved the state."""
+        assert job.rt.proc is not None
+        proc = job.rt.proc
+        settings = self.settings
+        job.attempt.after_stop = after
+        job.attempt.reason = reason
+        job.rt.stop_result = None
+        sig = signal.Signals[settings.checkpoint_signal] if checkpoint else None
+        grace = settings.checkpoint_grace_s if grace_s is None else grace_s
+        term = settings.stop_timeout_s if term_timeout_s is None else term_timeout_s
+
+        def on_phase(phase: str) -> None:
+            if phase in ("term", "kill"):
+                with self.lock:
+                    if job.state == JobState.CHECKPOINTING:
+                        self.move(job, JobEvent.TERMINATING)
+
+        def run() -> None:
+            result = proc.stop(sig, grace, term, on_phase)
+            with self.lock:
+                job.rt.stop_result = result
+            self.ports.wake()  # finish the stop at once, not at the next poll
+
+        job.rt.stopping = threading.Thread(target=run, name=f"stop-{job.name}", daemon=True)
+        job.rt.stopping.start()
+        self.persist(job)
+
+    def finish_stop(self, job: Job) -> None:
+        result = job.rt.stop_result or StopResult(None, None, (), ())
+        code = result.returncode
+        if result.survivors:
+            self.say(job, EventKind.JOB_STOP_INCOMPLETE, Severity.ERROR, f"job {job.name}: processes survived SIGKILL: {', '.join(map(str, result.survivors))}")
+        holders = self._gpu_holders(job, result)
+        after = job.attempt.after_stop
+        job.attempt.after_stop = None
+        if job.state == JobState.CHECKPOINTING:  # it ended during the grace
+            job.attempt.state = transition(job.state, JobEvent.TERMINATING)
+        job.attempt.exit_code = code
+        self._vacate(job)
+        self.intake.ingest(job)
+        for uuid in job.attempt.pending_resets:
+            self.ports.pool.reset_when_free(uuid, by=f"gpuguard (job {job.name})")
+        job.attempt.pending_resets = []
+        if after == "stopped":
+            self.move(job, JobEvent.STOPPED, EventKind.JOB_STOPPED, Severity.INFO, f"job {job.name} stopped ({_ended(result)}){holders}")
+        elif after == "restart" and code == 0 and result.phase in ("checkpoint", "already_exited"):
+            self.move(job, JobEvent.EXITED_OK, EventKind.JOB_SUCCEEDED, Severity.INFO, f"job {job.name} finished (exit 0) while being stopped{holders}")
+        else:
+            if after == "rollback":
+                job.attempt.crashes = 0
+            job.attempt.restarts += 1
+            self.move(job, JobEvent.EXITED_RESTART, EventKind.JOB_STOPPING_DONE, Severity.INFO, f"job {job.name} stopped for a restart ({_ended(result)}){holders}")
+            self.try_start(job, time.time())
+            self.persist(job)
+
+    def _gpu_holders(self, job: Job, result: StopResult) -> str:
+        """After a stop: does NVML still list one of the job's processes on its GPUs?"""
+        if not result.survivors:
+            return ""
+        held = [f"pid {pid} on GPU {self.index(uuid)}" for uuid in job.attempt.gpus for pid in self.fact(uuid).holders if pid in result.survivors]
+        return f"; still holding GPU memory: {', '.join(held)}" if held else ""
+
+    # --- exits ----------------------------------------------------------
+    def on_exit(self, job: Job, code: int | None, note: str | None) -> None:
+        job.attempt.exit_code = code
+        ran_s = time.time() - (job.attempt.started_at or time.time())
+        self._vacate(job)
+        self.intake.ingest(job)
+        where = f" ({note})" if note else ""
+        if code == 0:
+            job.attempt.reason = None
+            self.move(job, JobEvent.EXITED_OK, EventKind.JOB_SUCCEEDED, Severity.INFO, f"job {job.name} succeeded after {job.attempt.number} attempt(s){where}")
+        elif code == contract.EX_TEMPFAIL:
+            job.attempt.restarts += 1
+            self.move(job, JobEvent.EXITED_RESTART, EventKind.JOB_STOPPING_DONE, Severity.INFO, f"job {job.name} saved a checkpoint and asked for a restart (exit 75){where}")
+            self.try_start(job, time.time())
+            self.persist(job)
+        else:
+            self._crashed(job, code, ran_s, where)
+
+    def _crashed(self, job: Job, code: int | None, ran_s: float, where: str) -> None:
+        settings = self.settings
+        if ran_s >= settings.stable_after_s:
+            job.attempt.crashes = 0
+        job.attempt.crashes += 1
+        what = "exit status unknown" if code is None else (f"killed by signal {-code}" if code < 0 else f"exit {code}")
+        tail = self._tail(job)
+        if job.attempt.restarts >= job.spec.max_restarts:
+            job.attempt.reason = f"{what}; gave up after {job.attempt.restarts} restart(s) (max_restarts {job.spec.max_restarts})"
+            self.move(job, JobEvent.GAVE_UP, EventKind.JOB_FAILED, Severity.ERROR, f"job {job.name} failed: {job.attempt.reason}{where}", data={"output_tail": tail})
+            return
+        delay = backoff_s(job.attempt.crashes, settings.backoff_initial_s, settings.backoff_max_s)
+        job.attempt.backoff_until = time.time() + delay
+        job.attempt.restarts += 1
+        job.attempt.reason = f"{what}; restart {job.attempt.restarts} of {job.spec.max_restarts} in {delay:g}s"
+        self.move(
+            job, JobEvent.CRASHED, EventKind.JOB_CRASHED, Severity.WARNING, f"job {job.name} crashed: {job.attempt.reason}{where}",
+            data={"output_tail": tail, "backoff_s": delay},
+        )
+
+    def _tail(self, job: Job) -> str:
+        try:
+            with open(self.files.log(job.name), "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - TAIL_BYTES))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-10:])
+
+
+def _ended(result: StopResult) -> str:
+    code = result.returncode
+    how = {"checkpoint": "after the checkpoint signal", "term": "after SIGTERM", "kill": "by SIGKILL", "already_exited": "it had exited"}
+    phase = how.get(result.phase or "", "end unknown")
+    return f"exit {code}, {phase}" if code is not None else phase
+
