@@ -105,10 +105,21 @@ class Pool:
         )
 
     def include(self, uuid: str, by: str, why: str = "") -> bool:
-        """Return a GPU to service; False when it was not excluded."""
+        """Return a GPU to service; False when it was not excluded. An operator's
+        include is the operator's word (gpud's set-healthy): it also forgets the
+        GPU's remembered Xids, hang suspicion and probation, so only what is
+        reported from now on can fault it again."""
         info = self.info(uuid)
         changed = self.store.include(uuid)
         self.excluded = self.store.excluded()
+        if by != BY_GPUGUARD:
+            with self.lock:
+                forgotten = bool(self.monitor.tracks[uuid].xids) or uuid in self.hangs or uuid in self.probation
+                self.monitor.forget(uuid)
+                self.hangs.pop(uuid, None)
+                self.probation.pop(uuid, None)
+            changed = changed or forgotten
+            self._request_poll()  # the verdict follows at the next evaluation
         if changed:
             self._record(
                 Event(

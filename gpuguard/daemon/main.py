@@ -7,6 +7,7 @@ error, 1 on any other fatal error.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import grp
 import os
 import signal
@@ -48,6 +49,22 @@ def check_state_dir(path: Path) -> None:
     problem = unsafe_owner_or_mode(path.stat())
     if problem:
         raise ConfigError(None, "daemon.state_dir", f"{path} is {problem}; make it 0711 or 0700, owned by this user")
+
+
+def lock_state_dir(path: Path) -> int:
+    """Hold an exclusive lock on the state dir for the daemon's life (the fd stays
+    open): two daemons on one state dir would both restart the same jobs."""
+    lock = path / "gpuguardd.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(None, "daemon.state_dir", f"{path} is in use by another gpuguardd (pid {holder})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def make_backend(config: Config, simulate: int | None) -> tuple[Backend, Path]:
@@ -102,6 +119,7 @@ def run(
     from gpuguard.store import EventStore
 
     check_state_dir(config.daemon.state_dir)
+    lock_state_dir(config.daemon.state_dir)
     check_location(config.daemon.socket)  # before the supervisor creates the jobs' runtime dir beside it
     backend, kernel_log = make_backend(config, simulate)
     store = EventStore(config.daemon.state_dir / "gpuguard.db")

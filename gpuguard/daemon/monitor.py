@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpuguard.config import HealthConfig
-from gpuguard.events import Event
+from gpuguard.events import Event, EventKind
 from gpuguard.health import xid as xid_catalog
 from gpuguard.health.checks.base import ACTION_TEXT
 from gpuguard.health.rules import evaluate
@@ -88,7 +88,7 @@ class Monitor:
         action, severity = xid_catalog.resolve(info, recovery)
         track.reported.add(("xid", obs.xid, action.value))
         return Event(
-            kind="xid",
+            kind=EventKind.XID,
             severity=severity,
             message=f"Xid {obs.xid} ({info.description}): {ACTION_TEXT[action]}",
             gpu=uuid,
@@ -114,6 +114,13 @@ class Monitor:
             track.snapshot = snap
             while track.history and snap.timestamp - track.history[0].timestamp > HISTORY_S:
                 track.history.popleft()
+
+    def forget(self, uuid: str) -> None:
+        """An operator says the GPU is fine: forget its remembered Xids and what was
+        reported, so only what NVML and the kernel report from now on counts."""
+        track = self.tracks[uuid]
+        track.xids = []
+        track.reported = set()
 
     def clear_xids(self, uuid: str, actions: set[Action]) -> None:
         """Forget active Xids whose action was carried out (e.g. after a reset)."""
@@ -170,7 +177,7 @@ class Monitor:
             ):
                 events.append(
                     Event(
-                        kind="gpu_recovered",
+                        kind=EventKind.GPU_RECOVERED,
                         severity=Severity.INFO,
                         message=f"GPU {track.info.index} is healthy again (was {previous.state}: {previous.reason})",
                         gpu=uuid,
