@@ -37,6 +37,10 @@ class EventKind(enum.StrEnum):
     # gpuguard's own
     NVML_TIMEOUT = "nvml_timeout"
     NVML_ERROR = "nvml_error"
+    # health findings with no contract kind of their own
+    GPU_RESET_REQUIRED = "gpu_reset_required"  # NVML's ResetRequired
+    NO_DATA = "no_data"  # no snapshot of the GPU this time
+    RECOVERY_ACTION = "recovery_action"  # the driver's GPU recovery-action field
     DAEMON_STARTED = "daemon_started"
     DAEMON_STOPPED = "daemon_stopped"
     GPU_RECOVERED = "gpu_recovered"
@@ -52,6 +56,8 @@ class EventKind(enum.StrEnum):
     NODE_HOOK = "node_hook"
     # a process gpuguard did not start holds a faulted GPU and was left unsignalled
     FOREIGN_NOT_SIGNALLED = "foreign_not_signalled"
+    # a managed job does not handle its checkpoint signal: it was stopped without one
+    CHECKPOINT_UNSUPPORTED = "checkpoint_unsupported"
 
 
 # keys of to_json() that an event's `data` may not replace

@@ -26,7 +26,7 @@ from typing import Literal
 
 import psutil
 
-from gpuguard.supervisor import exitcode, pids
+from gpuguard.supervisor import exitcode, foreign, pids
 
 _POLL_S = 0.02  # how often stop() looks whether the tree is gone
 _KILL_WAIT_S = 2.0  # after SIGKILL: how long until a process counts as a survivor
@@ -220,6 +220,21 @@ class JobProcess:
             if abs(proc.create_time() - ct) < pids.SAME_TIME_S:
                 procs.append(proc)
         return procs
+
+    def job_catches(self, sig: int) -> bool | None:
+        """Does the job's own main process (the wrapper's child, which the wrapper
+        forwards the signal to) catch sig? None when that cannot be told (no child
+        yet, or its status unreadable): then the signal is sent as before."""
+        ids, table = self._walk()
+        children = [pid for pid in ids if pid != self.pid and table[pid].ppid == self.pid and not table[pid].zombie]
+        if len(children) != 1:
+            return None
+        try:
+            text = Path(f"/proc/{children[0]}/status").read_text()
+        except OSError:
+            return None
+        caught = foreign.signal_mask(text, "SigCgt")
+        return None if caught is None else foreign.in_mask(caught, sig)
 
     def signal_main(self, sig: int) -> bool:
         """Send sig to the main process (the wrapper forwards catchable ones to the job); False if gone."""

@@ -192,6 +192,13 @@ class JobRunner:
         job.attempt.reason = reason
         job.rt.stop_result = None
         sig = signal.Signals[settings.checkpoint_signal] if checkpoint else None
+        if sig is not None and proc.job_catches(sig) is False:
+            # its default action would kill the job before it could save anything
+            self.say(
+                job, EventKind.CHECKPOINT_UNSUPPORTED, Severity.WARNING,
+                f"job {job.name} does not handle {sig.name}: stopped without a checkpoint (SIGTERM at once)",
+            )
+            sig = None
         grace = settings.checkpoint_grace_s if grace_s is None else grace_s
         term = settings.stop_timeout_s if term_timeout_s is None else term_timeout_s
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from gpuguard.events import EventKind
 from gpuguard.health.checks.base import Facts, Result
 from gpuguard.health.types import Action, Finding, GpuState, Severity
 from gpuguard.nvml.types import GpuSnapshot
@@ -19,14 +20,14 @@ def check(facts: Facts) -> list[Result]:
     results: list[Result] = []
     if (snap.ecc_volatile_uncorrected or 0) > 0:
         message = f"{snap.ecc_volatile_uncorrected} uncorrected ECC errors since the last reset: reset the GPU"
-        results.append((GpuState.FAULTED, Finding("ecc", Severity.CRITICAL, Action.RESET_GPU, message)))
+        results.append((GpuState.FAULTED, Finding(EventKind.ECC, Severity.CRITICAL, Action.RESET_GPU, message)))
     rate = corrected_rate_per_h(facts.history, snap)
     if rate is not None and rate > facts.config.ecc_corrected_rate_degraded_per_h:
         message = (
             f"corrected ECC errors at {rate:.0f}/h "
             f"(over {facts.config.ecc_corrected_rate_degraded_per_h:g}/h): memory is wearing"
         )
-        results.append((GpuState.DEGRADED, Finding("ecc", Severity.WARNING, Action.NONE, message)))
+        results.append((GpuState.DEGRADED, Finding(EventKind.ECC, Severity.WARNING, Action.NONE, message)))
     if snap.retired_pages_sbe is not None or snap.retired_pages_dbe is not None:
         retired = (snap.retired_pages_sbe or 0) + (snap.retired_pages_dbe or 0)
         if retired >= facts.config.retired_pages_degraded:
@@ -34,10 +35,10 @@ def check(facts: Facts) -> list[Result]:
                 f"{retired} retired memory pages (limit {facts.config.retired_pages_degraded}): "
                 "hardware inspection needed"
             )
-            results.append((GpuState.DEGRADED, Finding("ecc", Severity.WARNING, Action.INSPECT, message)))
+            results.append((GpuState.DEGRADED, Finding(EventKind.ECC, Severity.WARNING, Action.INSPECT, message)))
     if snap.retired_pages_pending:
         message = "memory page retirement pending: reset the GPU"
-        results.append((GpuState.DEGRADED, Finding("ecc", Severity.WARNING, Action.RESET_GPU, message)))
+        results.append((GpuState.DEGRADED, Finding(EventKind.ECC, Severity.WARNING, Action.RESET_GPU, message)))
     return results
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from gpuguard.events import EventKind
 from gpuguard.health.checks.base import Facts, Result
 from gpuguard.health.types import Action, Finding, GpuState, Severity
 from gpuguard.nvml.types import FindingKind
@@ -14,23 +15,23 @@ class _Rule(NamedTuple):
     state: GpuState
     action: Action
     severity: Severity
-    kind: str  # the event kind
+    kind: EventKind
     text: str
 
 
 _RULES: dict[FindingKind, _Rule] = {
     FindingKind.GPU_LOST: _Rule(
-        GpuState.FAULTED, Action.REBOOT_NODE, Severity.CRITICAL, "gpu_lost", "GPU is lost: reboot the node"
+        GpuState.FAULTED, Action.REBOOT_NODE, Severity.CRITICAL, EventKind.GPU_LOST, "GPU is lost: reboot the node"
     ),
     FindingKind.RESET_REQUIRED: _Rule(
-        GpuState.FAULTED, Action.RESET_GPU, Severity.CRITICAL, "gpu_reset_required",
+        GpuState.FAULTED, Action.RESET_GPU, Severity.CRITICAL, EventKind.GPU_RESET_REQUIRED,
         "GPU requires a reset: reset the GPU",
     ),
     FindingKind.DEADLINE: _Rule(
-        GpuState.UNKNOWN, Action.NONE, Severity.ERROR, "nvml_timeout", "NVML did not answer in time"
+        GpuState.UNKNOWN, Action.NONE, Severity.ERROR, EventKind.NVML_TIMEOUT, "NVML did not answer in time"
     ),
     FindingKind.NVML_ERROR: _Rule(
-        GpuState.UNKNOWN, Action.NONE, Severity.ERROR, "nvml_error", "NVML returned an unexpected error"
+        GpuState.UNKNOWN, Action.NONE, Severity.ERROR, EventKind.NVML_ERROR, "NVML returned an unexpected error"
     ),
 }
 
@@ -40,7 +41,7 @@ def check(facts: Facts) -> list[Result]:
     snapshot, since no data must never read as healthy."""
     snap = facts.snapshot
     if snap is None:
-        missing = Finding("no_data", Severity.ERROR, Action.NONE, "no data from NVML for this GPU")
+        missing = Finding(EventKind.NO_DATA, Severity.ERROR, Action.NONE, "no data from NVML for this GPU")
         return [(GpuState.UNKNOWN, missing)]
     results: list[Result] = []
     for kind, rule in _RULES.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gpuguard.events import EventKind
 from gpuguard.health import xid as catalog
 from gpuguard.health.checks.base import Facts, Result, state_for
 from gpuguard.health.types import Action, Finding
@@ -15,4 +16,4 @@ def check(facts: Facts) -> list[Result]:
     if action == Action.NONE:
         return []
     message = f"driver asks for recovery action {snap.recovery_action}: {meaning}"
-    return [(state_for(action, severity), Finding("recovery_action", severity, action, message))]
+    return [(state_for(action, severity), Finding(EventKind.RECOVERY_ACTION, severity, action, message))]

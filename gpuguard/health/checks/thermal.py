@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from gpuguard.events import EventKind
 from gpuguard.health.checks.base import Facts, Result
 from gpuguard.health.types import Action, Finding, GpuState, Severity
 from gpuguard.nvml.types import GpuSnapshot
@@ -22,14 +23,14 @@ def check(facts: Facts) -> list[Result]:
     temp = snap.temperature_c
     if temp is not None and temp >= config.temperature_faulted_c:
         message = f"temperature {temp} C (limit {config.temperature_faulted_c} C): hardware inspection needed"
-        results.append((GpuState.FAULTED, Finding("thermal", Severity.CRITICAL, Action.INSPECT, message)))
+        results.append((GpuState.FAULTED, Finding(EventKind.THERMAL, Severity.CRITICAL, Action.INSPECT, message)))
     elif temp is not None and temp >= config.temperature_degraded_c:
         message = f"temperature {temp} C (over {config.temperature_degraded_c} C)"
-        results.append((GpuState.DEGRADED, Finding("thermal", Severity.WARNING, Action.NONE, message)))
+        results.append((GpuState.DEGRADED, Finding(EventKind.THERMAL, Severity.WARNING, Action.NONE, message)))
     held = slowdown_held_s(facts.history, snap, facts.now)
     if held is not None and held >= config.hw_slowdown_degraded_s:
         message = f"hardware slowdown or power brake held for {held:.0f} s: clocks are throttled"
-        results.append((GpuState.DEGRADED, Finding("thermal", Severity.WARNING, Action.NONE, message)))
+        results.append((GpuState.DEGRADED, Finding(EventKind.THERMAL, Severity.WARNING, Action.NONE, message)))
     return results
 
 

@@ -7,6 +7,7 @@ would keep a good GPU out of service after a daemon restart.
 
 from __future__ import annotations
 
+from gpuguard.events import EventKind
 from gpuguard.health import xid as catalog
 from gpuguard.health.checks.base import ACTION_TEXT, Facts, Result, state_for
 from gpuguard.health.types import Action, Finding
@@ -50,7 +51,7 @@ def check(facts: Facts) -> list[Result]:
         message = f"Xid {code} ({info.description}): {_advice(info, action, recovery)}"
         if len(acting[code]) > 1:
             message += f" (seen {len(acting[code])} times)"
-        results.append((state_for(action, severity), Finding("xid", severity, action, message, xid=code)))
+        results.append((state_for(action, severity), Finding(EventKind.XID, severity, action, message, xid=code)))
     return results
 
 

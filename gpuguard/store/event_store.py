@@ -1,25 +1,10 @@
-"""gpuguard's memory: events, GPU quarantine and job records in one SQLite
-database (WAL mode) under the state dir.
+"""EventStore: the reads and writes the daemon makes on an open database.
 
-Choices worth knowing:
-
-- One connection behind a lock, shared by the daemon's threads. Every write
-  is one short `BEGIN IMMEDIATE` transaction; `busy_timeout` covers another
-  process (an operator's sqlite3 shell) holding the file.
-- A corrupt database file is renamed aside to `<name>.corrupt-<UTC time>`
-  (with its -wal/-shm), logged at error level naming both paths, and a fresh
-  one is started: a health daemon that refuses to start leaves the node
-  unwatched. Quarantine and job rows are copied from the old file where it
-  still reads them, so a corrupt page does not silently return an excluded
-  GPU to service. A database from a newer gpuguard is not corrupt: opening
-  it raises StoreError and touches nothing.
-- `append()` never raises for a failing disk (full, read-only, I/O error):
-  the event waits in a bounded in-memory backlog, each kind of failure is
-  logged once, and the next append writes the backlog first. Quarantine
-  and job writes raise StoreError instead: their caller must know.
-- Quarantine lives in its own table, so pruning events never un-excludes
-  a GPU. Event ids are AUTOINCREMENT: never reused after a prune, so
-  `since_id` polling stays correct.
+Kept apart from `schema` (tables, migrations, opening, salvage) because this
+is the part that runs every tick: one connection behind a lock, each write one
+short transaction. `append()` never raises for a failing disk (the event waits
+in a bounded backlog); quarantine and job writes raise StoreError, since
+their caller must know.
 """
 
 from __future__ import annotations
@@ -32,7 +17,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,23 +24,13 @@ import structlog
 
 from gpuguard.events import Event
 from gpuguard.health.types import Severity
+from gpuguard.store.schema import StoreError, open_database
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 1
 BACKLOG_MAX = 1000
-BUSY_TIMEOUT_MS = 5000
-JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024  # the WAL is truncated to this after a checkpoint
 
 _EVENT_COLUMNS = "id, ts, kind, severity, gpu, job, xid, message, data"
-
-
-class StoreError(Exception):
-    """The store cannot do what was asked; the message names the database file."""
-
-
-class _Corrupt(Exception):
-    """The database file does not read as SQLite, or fails its quick check."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,70 +39,6 @@ class QuarantineEntry:
     reason: str
     by: str
     ts: float
-
-
-def _schema_v1(conn: sqlite3.Connection) -> None:
-    conn.execute(
-        """CREATE TABLE events (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            ts REAL NOT NULL,
-            kind TEXT NOT NULL,
-            severity TEXT NOT NULL,
-            gpu TEXT,
-            job TEXT,
-            xid INTEGER,
-            message TEXT NOT NULL,
-            data TEXT NOT NULL DEFAULT '{}'
-        )"""
-    )
-    conn.execute("CREATE INDEX events_gpu ON events (gpu, id)")
-    conn.execute("CREATE INDEX events_job ON events (job, id)")
-    conn.execute("CREATE INDEX events_ts ON events (ts)")
-    conn.execute("CREATE INDEX events_kind ON events (kind, id)")
-    conn.execute(
-        """CREATE TABLE quarantine (
-            uuid TEXT PRIMARY KEY,
-            reason TEXT NOT NULL,
-            by TEXT NOT NULL,
-            ts REAL NOT NULL
-        )"""
-    )
-    conn.execute(
-        """CREATE TABLE jobs (
-            name TEXT PRIMARY KEY,
-            state TEXT NOT NULL,
-            updated REAL NOT NULL,
-            record TEXT NOT NULL
-        )"""
-    )
-
-
-# _MIGRATIONS[n] takes a database from user_version n to n + 1
-_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_v1,)
-assert len(_MIGRATIONS) == SCHEMA_VERSION
-
-
-def migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Bring the schema to SCHEMA_VERSION, one step per transaction."""
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > SCHEMA_VERSION:
-        raise StoreError(
-            f"{path}: schema version {version} was written by a newer gpuguard (this one knows {SCHEMA_VERSION})"
-        )
-    for step in range(version, SCHEMA_VERSION):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            _MIGRATIONS[step](conn)
-            conn.execute(f"PRAGMA user_version = {step + 1}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-
-
-def _is_corruption(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 def _json(value: Mapping[str, Any]) -> str:
@@ -168,74 +78,7 @@ class EventStore:
         self._backlog: deque[Event] = deque(maxlen=BACKLOG_MAX)
         self._dropped = 0  # backlog overflow since the last good write
         self._failures: set[str] = set()  # failure kinds already logged
-        self._conn: sqlite3.Connection | None = self._open()
-
-    # --- opening -------------------------------------------------------
-    def _open(self) -> sqlite3.Connection:
-        try:
-            try:
-                return self._connect()
-            except _Corrupt as exc:
-                aside = self._move_aside(str(exc))
-            conn = self._connect()
-        except (OSError, sqlite3.Error, _Corrupt) as exc:
-            raise StoreError(f"{self.path}: cannot open the event store: {exc}") from exc
-        self._salvage(aside, conn)
-        return conn
-
-    def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not self.path.exists():
-            # SQLite gives the -wal and -shm files the database file's mode
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-            os.chmod(self.path, 0o600)  # whatever the umask
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            check = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
-            if check != ["ok"]:
-                raise _Corrupt("; ".join(check[:5]))
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode != "wal":
-                log.warning("store_not_wal", path=str(self.path), journal_mode=mode)
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
-            migrate(conn, self.path)
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            if _is_corruption(exc):
-                raise _Corrupt(str(exc)) from exc
-            raise
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _move_aside(self, why: str) -> Path:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-        for suffix in ("", "-wal", "-shm"):
-            src = Path(f"{self.path}{suffix}")
-            if src.exists():
-                src.rename(f"{aside}{suffix}")
-        log.error("store_corrupt", path=str(self.path), moved_to=str(aside), error=why)
-        return aside
-
-    def _salvage(self, aside: Path, conn: sqlite3.Connection) -> None:
-        """Copy quarantine and job rows from the corrupt file, where it reads them."""
-        for table, columns in (("quarantine", "uuid, reason, by, ts"), ("jobs", "name, state, updated, record")):
-            marks = ", ".join("?" * len(columns.split(",")))
-            try:
-                old = sqlite3.connect(aside)
-                try:
-                    rows = old.execute(f"SELECT {columns} FROM {table}").fetchall()
-                finally:
-                    old.close()
-                conn.executemany(f"INSERT OR REPLACE INTO {table} ({columns}) VALUES ({marks})", rows)
-            except sqlite3.Error as exc:
-                log.error("store_salvage_failed", path=str(aside), table=table, error=str(exc))
-                continue
-            log.warning("store_salvaged", path=str(aside), table=table, rows=len(rows))
+        self._conn: sqlite3.Connection | None = open_database(self.path)
 
     # --- plumbing ------------------------------------------------------
     def _connection(self) -> sqlite3.Connection:

@@ -1,0 +1,71 @@
+"""A job that cannot answer the checkpoint signal is not sent it: SIGUSR1's
+default action would kill it before it saved anything (CONTRACT.md, the
+checkpoint handshake). It gets SIGTERM at once and a checkpoint_unsupported
+event says so; a job that handles the signal still gets it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from daemon.conftest import DaemonProc
+
+FAST = "[jobs]\ncheckpoint_grace_s = 5\nstop_timeout_s = 2\n"
+NO_HANDLER = "import time\nopen('started', 'w').close()\ntime.sleep(120)\n"
+HANDLER = (
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGUSR1, lambda *_: sys.exit(75))\n"
+    "open('started', 'w').close()\n"
+    "time.sleep(120)\n"
+)
+
+
+def events(d: DaemonProc, job: str) -> list[dict[str, Any]]:
+    return json.loads(d.ctl("events", "--json", "--limit", "1000", "--job", job).stdout)
+
+
+def start(d: DaemonProc, tmp_path: Path, name: str, script: str) -> None:
+    work = tmp_path / name
+    work.mkdir()
+    (work / "job.py").write_text(script)
+    d.ctl("run", "--name", name, "--workdir", str(work), "--", sys.executable, "job.py")
+    d.wait_for(lambda s: (work / "started").exists(), what=f"{name} started")
+
+
+def fault_its_gpu(d: DaemonProc, name: str) -> None:
+    job = next(j for j in d.status()["jobs"] if j["name"] == name)
+    index = next(g["index"] for g in d.status()["gpus"] if g["uuid"] in job["gpus"])
+    d.ctl("inject", str(index), "xid", "79")
+    d.wait_for(lambda s: any(j["name"] == name and j["attempt"] == 2 and j["state"] == "running" for j in s["jobs"]),
+               timeout_s=20, what=f"{name} restarted")  # fmt: skip
+
+
+def test_a_job_without_a_handler_gets_sigterm_at_once_and_an_event(tmp_path: Path) -> None:
+    d = DaemonProc(tmp_path, gpus=2, extra_config=FAST)
+    d.start()
+    try:
+        start(d, tmp_path, "plain", NO_HANDLER)
+        fault_its_gpu(d, "plain")
+        seen = events(d, "plain")
+        unsupported = [e for e in seen if e["kind"] == "checkpoint_unsupported"]
+        assert len(unsupported) == 1 and "SIGUSR1" in unsupported[0]["message"]
+        stopped = next(e for e in seen if e["kind"] == "job_stopping_done")
+        assert "after SIGTERM" in stopped["message"] and "exit -10" not in stopped["message"]
+    finally:
+        d.stop()
+
+
+def test_a_job_with_a_handler_still_gets_the_checkpoint_signal(tmp_path: Path) -> None:
+    d = DaemonProc(tmp_path, gpus=2, extra_config=FAST)
+    d.start()
+    try:
+        start(d, tmp_path, "polite", HANDLER)
+        fault_its_gpu(d, "polite")
+        seen = events(d, "polite")
+        assert not [e for e in seen if e["kind"] == "checkpoint_unsupported"]
+        stopped = next(e for e in seen if e["kind"] == "job_stopping_done")
+        assert "exit 75, after the checkpoint signal" in stopped["message"]
+    finally:
+        d.stop()
