@@ -46,6 +46,7 @@ class EventKind(enum.StrEnum):
     GPU_RECOVERED = "gpu_recovered"
     JOB_WAITING = "job_waiting"
     JOB_CRASHED = "job_crashed"
+    JOB_RESTART_REQUESTED = "job_restart_requested"  # exit 75 nobody asked for
     JOB_ADOPTED = "job_adopted"  # a new daemon found the job's process running
     JOB_STOPPING_DONE = "job_stopping_done"  # stopped for a restart
     JOB_STOP_INCOMPLETE = "job_stop_incomplete"  # processes survived SIGKILL

@@ -26,6 +26,7 @@ class Attempt:
     number: int = 0  # attempts started so far
     restarts: int = 0
     crashes: int = 0  # consecutive crashes, for the backoff
+    requests: int = 0  # consecutive unasked exit-75 restart requests, for their own backoff
     gpus: list[str] = field(default_factory=list)
     pid: int | None = None
     start_time: float | None = None  # the process's create time: a reused pid is never taken for it

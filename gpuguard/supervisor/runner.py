@@ -263,13 +263,34 @@ class JobRunner:
         if code == 0:
             job.attempt.reason = None
             self.move(job, JobEvent.EXITED_OK, EventKind.JOB_SUCCEEDED, Severity.INFO, f"job {job.name} succeeded after {job.attempt.number} attempt(s){where}")
-        elif code == contract.EX_TEMPFAIL:
+        elif code == contract.EX_TEMPFAIL and note is not None:
+            # it ended while no daemon watched: perhaps on a checkpoint signal the
+            # previous daemon sent; a saved checkpoint is honoured at once
             job.attempt.restarts += 1
             self.move(job, JobEvent.EXITED_RESTART, EventKind.JOB_STOPPING_DONE, Severity.INFO, f"job {job.name} saved a checkpoint and asked for a restart (exit 75){where}")
             self.try_start(job, time.time())
             self.persist(job)
+        elif code == contract.EX_TEMPFAIL:
+            self._restart_requested(job, ran_s)
         else:
             self._crashed(job, code, ran_s, where)
+
+    def _restart_requested(self, job: Job, ran_s: float) -> None:
+        """Exit 75 nobody asked for: a restart request, with back-off, counted toward
+        max_restarts (CONTRACT.md), so a job that keeps asking cannot loop forever."""
+        settings, a = self.settings, job.attempt
+        if ran_s >= settings.stable_after_s:
+            a.requests = 0
+        a.requests += 1
+        if a.restarts >= job.spec.max_restarts:
+            a.reason = f"exit 75 unasked (a restart request); gave up after {a.restarts} restart(s) (max_restarts {job.spec.max_restarts})"
+            self.move(job, JobEvent.GAVE_UP, EventKind.JOB_FAILED, Severity.ERROR, f"job {job.name} failed: {a.reason}")
+            return
+        delay = backoff_s(a.requests, settings.backoff_initial_s, settings.backoff_max_s)
+        a.backoff_until = time.time() + delay
+        a.restarts += 1
+        a.reason = f"exit 75 unasked (a restart request); restart {a.restarts} of {job.spec.max_restarts} in {delay:g}s"
+        self.move(job, JobEvent.RESTART_REQUESTED, EventKind.JOB_RESTART_REQUESTED, Severity.INFO, f"job {job.name}: {a.reason}")
 
     def _crashed(self, job: Job, code: int | None, ran_s: float, where: str) -> None:
         settings = self.settings

@@ -35,6 +35,7 @@ class JobEvent(enum.StrEnum):
     EXITED_OK = "exited_ok"  # exit 0
     EXITED_RESTART = "exited_restart"  # exit 75, or stopped after a fault: start again
     CRASHED = "crashed"  # a non-zero exit with restarts left
+    RESTART_REQUESTED = "restart_requested"  # exit 75 nobody asked for: restart after a back-off
     GAVE_UP = "gave_up"  # a crash past max_restarts
     STOPPED = "stopped"  # the tree is gone after an operator stop
     BACKOFF_OVER = "backoff_over"
@@ -59,6 +60,7 @@ _MOVES: dict[tuple[JobState, JobEvent], JobState] = {
     (_S.RUNNING, _E.EXITED_OK): _S.SUCCEEDED,
     (_S.RUNNING, _E.EXITED_RESTART): _S.STARTING,
     (_S.RUNNING, _E.CRASHED): _S.BACKOFF,
+    (_S.RUNNING, _E.RESTART_REQUESTED): _S.BACKOFF,
     (_S.RUNNING, _E.GAVE_UP): _S.FAILED,
     (_S.CHECKPOINTING, _E.EXITED_OK): _S.SUCCEEDED,
     (_S.CHECKPOINTING, _E.EXITED_RESTART): _S.STARTING,

@@ -69,3 +69,18 @@ def test_a_job_with_a_handler_still_gets_the_checkpoint_signal(tmp_path: Path) -
         assert "exit 75, after the checkpoint signal" in stopped["message"]
     finally:
         d.stop()
+
+
+def test_exit_75_nobody_asked_for_backs_off_and_counts_toward_max_restarts(tmp_path: Path) -> None:
+    """`sh -c 'exit 75'` restarted about once a second forever; now it gives up after --max-restarts."""
+    d = DaemonProc(tmp_path, gpus=1, extra_config=FAST + "backoff_initial_s = 0.1\nbackoff_max_s = 0.4\n")
+    d.start()
+    try:
+        d.ctl("run", "--name", "asker", "--max-restarts", "3", "--workdir", str(tmp_path), "--", "sh", "-c", "exit 75")
+        d.wait_for(lambda s: s["jobs"][0]["state"] == "failed", timeout_s=20, what="the job to give up")
+        job = d.status()["jobs"][0]
+        assert job["attempt"] == 4 and job["restarts"] == 3
+        assert "exit 75 unasked" in job["reason"] and "max_restarts 3" in job["reason"]
+        assert [e["kind"] for e in events(d, "asker")].count("job_restart_requested") == 3
+    finally:
+        d.stop()
