@@ -222,7 +222,6 @@ class Daemon:
 
     # --- the main loop -------------------------------------------------
     def run(self) -> None:
-        interval = self.config.monitor.poll_interval_s
         watchdog = sdnotify.watchdog_interval_s()
         next_poll = time.monotonic()
         last_prune = 0.0
@@ -234,6 +233,7 @@ class Daemon:
                 break
             now_mono = time.monotonic()
             if poll_now or now_mono >= next_poll:
+                interval = self.config.monitor.poll_interval_s  # live: a SIGHUP reload changes it
                 self.poll()
                 next_poll = max(next_poll + interval, now_mono + (0 if poll_now else interval * 0.5))
             with self.lock:
