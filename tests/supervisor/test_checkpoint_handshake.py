@@ -54,6 +54,7 @@ def test_a_job_without_a_handler_gets_sigterm_at_once_and_an_event(tmp_path: Pat
         stopped = next(e for e in seen if e["kind"] == "job_stopping_done")
         assert "after SIGTERM" in stopped["message"] and "exit -10" not in stopped["message"]
     finally:
+        d.ctl("stop", "plain", check=False)  # a daemon's stop leaves its jobs running
         d.stop()
 
 
@@ -68,6 +69,7 @@ def test_a_job_with_a_handler_still_gets_the_checkpoint_signal(tmp_path: Path) -
         stopped = next(e for e in seen if e["kind"] == "job_stopping_done")
         assert "exit 75, after the checkpoint signal" in stopped["message"]
     finally:
+        d.ctl("stop", "polite", check=False)  # a daemon's stop leaves its jobs running
         d.stop()
 
 
