@@ -51,6 +51,8 @@ class EventKind(enum.StrEnum):
     JOB_STOPPING_DONE = "job_stopping_done"  # stopped for a restart
     JOB_STOP_INCOMPLETE = "job_stop_incomplete"  # processes survived SIGKILL
     GPU_PROBATION_FAILED = "gpu_probation_failed"
+    GPU_SUSPECT = "gpu_suspect"  # a job hung on it, no GPU-side evidence: avoided, not excluded
+    GPU_SUSPICION_LIFTED = "gpu_suspicion_lifted"
     SNAPSHOT_SAVED = "snapshot_saved"
     SNAPSHOT_REJECTED = "snapshot_rejected"
     SNAPSHOT_CORRUPT = "snapshot_corrupt"  # a kept snapshot no longer matches its sha256: skipped

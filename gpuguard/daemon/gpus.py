@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -29,7 +29,6 @@ from gpuguard.store import EventStore, QuarantineEntry
 
 log = structlog.get_logger("gpuguard.daemon")
 
-HANGS_TO_EXCLUDE = 2  # hangs of jobs on the same GPU before it leaves the pool
 BY_GPUGUARD = "gpuguard"
 
 JobsOn = Callable[[str], list[str]]
@@ -68,7 +67,10 @@ class Pool:
         self.resetting: set[str] = set()
         # the store is the memory; this copy keeps the hot path free of SQL
         self.excluded: dict[str, QuarantineEntry] = store.excluded()
-        self.hangs: dict[str, int] = {}  # GPU uuid -> hangs of jobs seen on it
+        # hang suspicion: a hang alone is no GPU-side evidence, so it never excludes
+        self.suspects: dict[str, set[str]] = {}  # GPU uuid -> the jobs that hung on it
+        self.hung_on: dict[str, set[str]] = {}  # job -> the GPUs it hung on
+        self._busy_since: dict[str, float] = {}  # suspect GPU -> since when a job runs on it
         self.probation: dict[str, float] = {}  # GPU uuid -> when it may return to the pool
         self._node_bad: frozenset[str] | None = None
 
@@ -114,9 +116,10 @@ class Pool:
         self.excluded = self.store.excluded()
         if by != BY_GPUGUARD:
             with self.lock:
-                forgotten = bool(self.monitor.tracks[uuid].xids) or uuid in self.hangs or uuid in self.probation
+                forgotten = bool(self.monitor.tracks[uuid].xids) or uuid in self.suspects or uuid in self.probation
                 self.monitor.forget(uuid)
-                self.hangs.pop(uuid, None)
+                self.suspects.pop(uuid, None)
+                self._busy_since.pop(uuid, None)
                 self.probation.pop(uuid, None)
             changed = changed or forgotten
             self._request_poll()  # the verdict follows at the next evaluation
@@ -130,13 +133,41 @@ class Pool:
             )
         return changed
 
-    def job_hung(self, uuids: list[str]) -> None:
-        """A job hung here: after HANGS_TO_EXCLUDE hangs on one GPU it leaves the pool."""
+    def job_hung(self, job: str, uuids: Sequence[str]) -> None:
+        """A job hung here. Without GPU-side evidence that makes the GPUs suspect, never
+        excluded: placement avoids them while other GPUs are free. A job that has hung on
+        two different GPUs is itself the cause, and the suspicion it raised is lifted."""
+        seen = self.hung_on.setdefault(job, set())
+        seen.update(uuids)
+        if len(seen) >= 2:
+            for uuid in sorted(seen):
+                self._unsuspect(uuid, job, f"job {job} hung on {len(seen)} different GPUs: the job, not the GPU, is the cause")
+            return
         for uuid in uuids:
-            self.hangs[uuid] = self.hangs.get(uuid, 0) + 1
-        for uuid in uuids:
-            if self.hangs[uuid] >= HANGS_TO_EXCLUDE:
-                self.exclude(uuid, f"{self.hangs[uuid]} hangs of jobs on this GPU")
+            if job in self.suspects.setdefault(uuid, set()):
+                continue
+            self.suspects[uuid].add(job)
+            self._record(
+                Event(
+                    kind=EventKind.GPU_SUSPECT, severity=Severity.WARNING, gpu=uuid, job=job,
+                    message=f"GPU {self.info(uuid).index} is suspect: job {job} hung on it (no GPU-side fault seen); "
+                    "jobs go to other GPUs while there are free ones",
+                )
+            )
+
+    def _unsuspect(self, uuid: str, job: str | None, why: str) -> None:
+        """Lift one job's suspicion of a GPU (job None: all of it)."""
+        held = self.suspects.get(uuid)
+        if not held or (job is not None and job not in held):
+            return
+        if job is None:
+            held.clear()
+        else:
+            held.discard(job)
+        if not held:
+            del self.suspects[uuid]
+            self._busy_since.pop(uuid, None)
+            self._record(Event(kind=EventKind.GPU_SUSPICION_LIFTED, severity=Severity.INFO, gpu=uuid, message=f"GPU {self.info(uuid).index} is no longer suspect: {why}"))
 
     def node_unhealthy(self, reason: str) -> None:
         """The node itself needs attention (a reboot-class fault)."""
@@ -237,9 +268,22 @@ class Pool:
 
     # --- each tick -----------------------------------------------------
     def tick(self, now: float, jobs_on: JobsOn) -> None:
-        """End probations that are over, run the node hooks when the unfit set changed."""
+        """End probations that are over, lift suspicions a stable run disproved, run
+        the node hooks when the unfit set changed."""
         self._end_probations(now)
+        self._end_suspicions(now, jobs_on)
         self._node_hooks(jobs_on)
+
+    def _end_suspicions(self, now: float, jobs_on: JobsOn) -> None:
+        """A suspect GPU that runs a job for [jobs] stable_after_s without a hang is cleared."""
+        stable = self._config().jobs.stable_after_s
+        for uuid in list(self.suspects):
+            if not jobs_on(uuid):
+                self._busy_since.pop(uuid, None)
+                continue
+            since = self._busy_since.setdefault(uuid, now)
+            if now - since >= stable:
+                self._unsuspect(uuid, None, f"a job ran on it for {stable:g}s without a hang")
 
     def _end_probations(self, now: float) -> None:
         for uuid, until in list(self.probation.items()):
@@ -259,7 +303,6 @@ class Pool:
                 continue
             if now >= until:
                 del self.probation[uuid]
-                self.hangs.pop(uuid, None)
                 self.include(uuid, by=BY_GPUGUARD, why=f"healthy for {self._config().reset.probation_s:g}s after its reset")
 
     def _node_hooks(self, jobs_on: JobsOn) -> None:
@@ -297,6 +340,7 @@ class Pool:
                         for f in (verdict.findings if verdict else ())
                     ],
                     "excluded": uuid in self.excluded,
+                    "suspect": sorted(self.suspects.get(uuid, ())),  # jobs that hung on it
                     "serial": track.info.serial,
                 }
                 entry.update(snapshot_metrics(track.snapshot))

@@ -31,6 +31,7 @@ class GpuFacts:
     holders: tuple[int, ...] = ()  # pids NVML lists on it
     excluded_by: str | None = None  # who quarantined it, None when it is in the pool
     health: GpuState | None = None  # the health verdict alone; None before the first sample
+    suspect: bool = False  # a job hung on it: placement avoids it while other GPUs are free
 
 
 Facts = Mapping[str, GpuFacts]  # by uuid, in index order
@@ -48,7 +49,7 @@ class GpuPool(Protocol):
     def node_unhealthy(self, reason: str) -> None:
         """The node itself needs attention (a reboot-class fault)."""
 
-    def job_hung(self, uuids: Sequence[str]) -> None:
+    def job_hung(self, job: str, uuids: Sequence[str]) -> None:
         """A job hung on these GPUs: the pool decides what that says about them."""
 
     def occupied(self, uuid: str, pid: int) -> None:

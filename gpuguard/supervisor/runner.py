@@ -98,7 +98,8 @@ class JobRunner:
             if j is not job and (j.rt.proc is not None or j.state in ACTIVE)
             for uuid in j.attempt.gpus
         }
-        gpus = pick_gpus(free_gpus(self.facts, taken), job.attempt.gpus, job.spec.gpus_wanted, job.spec.min_gpus)
+        suspects = {uuid for uuid, fact in self.facts.items() if fact.suspect}
+        gpus = pick_gpus(free_gpus(self.facts, taken), job.attempt.gpus, job.spec.gpus_wanted, job.spec.min_gpus, suspects)
         if gpus is None:
             if job.state == JobState.STARTING:
                 job.attempt.state = transition(job.state, JobEvent.NO_GPUS)

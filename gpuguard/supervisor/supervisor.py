@@ -272,7 +272,7 @@ class Supervisor:
             f"(limit {found.limit_s:g}s); checkpoint, kill and restart",
             gpu=culprit,
         )
-        self.ports.pool.job_hung(list(job.attempt.gpus))
+        self.ports.pool.job_hung(job.name, list(job.attempt.gpus))
         self.runner.begin_stop(
             job, "restart", "hang", checkpoint=True,
             grace_s=min(HANG_GRACE_S, settings.checkpoint_grace_s),

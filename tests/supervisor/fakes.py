@@ -77,8 +77,8 @@ class FakePool:
     def node_unhealthy(self, reason: str) -> None:
         self.calls.append(("node_unhealthy", reason))
 
-    def job_hung(self, uuids: Sequence[str]) -> None:
-        self.calls.append(("job_hung", tuple(uuids)))
+    def job_hung(self, job: str, uuids: Sequence[str]) -> None:
+        self.calls.append(("job_hung", (job, tuple(uuids))))
 
     def occupied(self, uuid: str, pid: int) -> None:
         self.calls.append(("occupied", uuid, pid))

@@ -205,7 +205,7 @@ def test_hang_on_idle_gpus_restarts_the_job(node: Node, moves: MoveLog) -> None:
     node.tick_until(sup, lambda: job.state == S.RUNNING and job.attempt.number >= 2, "a restart after the hang")
     hang = node.log.of(EventKind.HANG)[0]
     assert hang.job == "j" and hang.gpu == GPU0
-    assert node.pool.called("job_hung")[0] == ((GPU0,),)
+    assert node.pool.called("job_hung")[0] == (("j", (GPU0,)),)
     assert (S.RUNNING, E.HANG, S.CHECKPOINTING) in moves.moves
     assert EventKind.JOB_RESTARTED in node.log.kinds("j")
     assert node.pool.called("exclude") == []  # a hang alone takes no GPU out: the pool decides
