@@ -36,6 +36,7 @@ class EventKind(enum.StrEnum):
     JOB_STOPPED = "job_stopped"
     # gpuguard's own
     NVML_TIMEOUT = "nvml_timeout"
+    NVML_WEDGED = "nvml_wedged"  # NVML past its deadline for [health] nvml_wedged_after_s: treated as lost
     NVML_ERROR = "nvml_error"
     # health findings with no contract kind of their own
     GPU_RESET_REQUIRED = "gpu_reset_required"  # NVML's ResetRequired

@@ -49,6 +49,9 @@ class HealthConfig:
     retired_pages_degraded: int = 48  # SBE + DBE retired pages
     hw_slowdown_degraded_s: float = 60.0  # HW slowdown/power brake held this long
     restart_app_window_s: float = 120.0  # how long a restart-the-app Xid stays active
+    # NVML calls on a GPU past their deadline this long: the GPU is treated as lost (a wedged
+    # driver or a GPU off the bus); it returns through probation once NVML answers again
+    nvml_wedged_after_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)

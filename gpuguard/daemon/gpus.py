@@ -22,6 +22,7 @@ from gpuguard.actions.reset import ResetResult, reset_argv, run_reset_command
 from gpuguard.config import Config, ResetConfig
 from gpuguard.daemon.monitor import Monitor, snapshot_metrics
 from gpuguard.events import Event, EventKind
+from gpuguard.health.checks import nvml as nvml_check
 from gpuguard.health.types import UNHEALTHY_STATES, Action, GpuState, Severity
 from gpuguard.nvml.backend import Backend
 from gpuguard.nvml.types import GpuInfo
@@ -186,8 +187,12 @@ class Pool:
                 pass
 
     # --- resets --------------------------------------------------------
+    _one_reset = threading.Lock()  # NVML is one per process: one reset at a time closes it
+
     def reset(self, uuid: str, by: str) -> ResetResult:
-        """Reset one GPU now, if nothing holds it; records a gpu_reset event."""
+        """Reset one GPU now, if nothing holds it; records a gpu_reset event.
+        While it runs the GPU shows `resetting` and the main loop skips NVML
+        polls but keeps ticking; a second reset of the GPU is refused."""
         info = self.info(uuid)
         with self.lock:
             if uuid in self.resetting:
@@ -216,8 +221,10 @@ class Pool:
         return result
 
     def _run_reset(self, info: GpuInfo) -> ResetResult:
+        """Run the reset once NVML is idle, holding nothing the main loop needs."""
         config = self._config().reset
-        with self.poll_lock, self.events_lock:
+        with self._one_reset:
+            self._await_nvml_idle()
             argv = reset_argv(config.command, info)
             sim = self.backend.simulator
             if sim is not None:
@@ -234,6 +241,12 @@ class Pool:
                 return run_reset_command(argv, config.timeout_s)
             finally:
                 self.backend.open()
+
+    def _await_nvml_idle(self) -> None:
+        """Let a poll or event wait that began before the GPU was marked
+        resetting finish; later ones see `resetting` and leave NVML alone."""
+        with self.poll_lock, self.events_lock:
+            pass
 
     def resets_today(self, uuid: str) -> int:
         since = time.time() - 86400
@@ -270,9 +283,31 @@ class Pool:
     def tick(self, now: float, jobs_on: JobsOn) -> None:
         """End probations that are over, lift suspicions a stable run disproved, run
         the node hooks when the unfit set changed."""
+        self._wedges(now)
         self._end_probations(now)
         self._end_suspicions(now, jobs_on)
         self._node_hooks(jobs_on)
+
+    def _wedges(self, now: float) -> None:
+        """A GPU whose NVML is wedged leaves the pool (persisted, so a restart keeps it
+        out); once NVML answers again and the GPU looks healthy it goes on probation."""
+        probation_s = self._config().reset.probation_s
+        for uuid, track in self.monitor.tracks.items():
+            verdict = track.verdict
+            if verdict is None:
+                continue
+            wedged = next((f for f in verdict.findings if f.kind == EventKind.NVML_WEDGED), None)
+            entry = self.excluded.get(uuid)
+            if wedged is not None:
+                if entry is None:
+                    self.exclude(uuid, wedged.message)
+                continue
+            if (
+                entry is not None and entry.by == BY_GPUGUARD and entry.reason.startswith(nvml_check.WEDGED)
+                and verdict.state == GpuState.HEALTHY and uuid not in self.probation
+            ):  # fmt: skip
+                self.probation[uuid] = now + probation_s
+                log.info("gpu_probation", gpu_uuid=uuid, why="NVML answers again", probation_s=probation_s)
 
     def _end_suspicions(self, now: float, jobs_on: JobsOn) -> None:
         """A suspect GPU that runs a job for [jobs] stable_after_s without a hang is cleared."""
@@ -297,13 +332,15 @@ class Pool:
                 self._record(
                     Event(
                         kind=EventKind.GPU_PROBATION_FAILED, severity=Severity.ERROR, gpu=uuid,
-                        message=f"GPU {self.info(uuid).index} failed probation after its reset ({verdict.reason}); it stays excluded",
+                        message=f"GPU {self.info(uuid).index} failed probation ({verdict.reason}); it stays excluded",
                     )
                 )
                 continue
             if now >= until:
                 del self.probation[uuid]
-                self.include(uuid, by=BY_GPUGUARD, why=f"healthy for {self._config().reset.probation_s:g}s after its reset")
+                entry = self.excluded.get(uuid)
+                after = "NVML answered again" if entry is not None and entry.reason.startswith(nvml_check.WEDGED) else "its reset"
+                self.include(uuid, by=BY_GPUGUARD, why=f"healthy for {self._config().reset.probation_s:g}s after {after}")
 
     def _node_hooks(self, jobs_on: JobsOn) -> None:
         """Run the node hooks when the set of unfit GPUs changes."""
