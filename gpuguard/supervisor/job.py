@@ -27,6 +27,8 @@ class Attempt:
     restarts: int = 0
     crashes: int = 0  # consecutive crashes, for the backoff
     requests: int = 0  # consecutive unasked exit-75 restart requests, for their own backoff
+    faults: int = 0  # consecutive fault or hang restarts of attempts that did not stay up
+    restarts_by: dict[str, int] = field(default_factory=dict)  # "crash" | "fault" | "request" -> count
     gpus: list[str] = field(default_factory=list)
     pid: int | None = None
     start_time: float | None = None  # the process's create time: a reused pid is never taken for it

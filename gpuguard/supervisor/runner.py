@@ -32,6 +32,8 @@ from gpuguard.supervisor.states import ACTIVE, FINAL, JobEvent, JobState, transi
 log = structlog.get_logger("gpuguard.supervisor")
 
 TAIL_BYTES = 4096
+# the restart budgets, each counted and spent apart (status shows them as restarts_by_kind)
+CRASH, FAULT, REQUEST = "crash", "fault", "request"
 _WHAT = {
     Reaction.RESTART_SAME: "restart on the same GPU",
     Reaction.MOVE: "move to a healthy GPU",
@@ -239,13 +241,43 @@ class JobRunner:
             self.move(job, JobEvent.STOPPED, EventKind.JOB_STOPPED, Severity.INFO, f"job {job.name} stopped ({_ended(result)}){holders}")
         elif after == "restart" and code == 0 and result.phase in ("checkpoint", "already_exited"):
             self.move(job, JobEvent.EXITED_OK, EventKind.JOB_SUCCEEDED, Severity.INFO, f"job {job.name} finished (exit 0) while being stopped{holders}")
-        else:
-            if after == "rollback":
-                job.attempt.crashes = 0
-            job.attempt.restarts += 1
+        elif after == "rollback":
+            job.attempt.crashes = 0
+            job.attempt.restarts += 1  # the operator's: no budget
             self.move(job, JobEvent.EXITED_RESTART, EventKind.JOB_STOPPING_DONE, Severity.INFO, f"job {job.name} stopped for a restart ({_ended(result)}){holders}")
             self.try_start(job, time.time())
             self.persist(job)
+        else:
+            self._fault_restart(job, f"{_ended(result)}{holders}")
+
+    def _fault_restart(self, job: Job, ended: str) -> None:
+        """After a stop for a fault or a hang: restart at once; repeated moves of a job that
+        does not stay up back off, and the fault budget (max_restarts) ends a job that
+        every GPU it is moved to brings down."""
+        settings, a = self.settings, job.attempt
+        if a.restarts_by.get(FAULT, 0) >= job.spec.max_restarts:
+            a.reason = f"moved {a.restarts_by.get(FAULT, 0)} time(s) for GPU faults or hangs; gave up (max_restarts {job.spec.max_restarts})"
+            self.move(job, JobEvent.GAVE_UP, EventKind.JOB_FAILED, Severity.ERROR, f"job {job.name} failed: {a.reason} ({ended})")
+            return
+        ran_s = time.time() - (a.started_at or time.time())
+        if ran_s >= settings.stable_after_s:
+            a.faults = 0
+        a.faults += 1
+        self._count(job, FAULT)
+        delay = backoff_s(a.faults - 1, settings.backoff_initial_s, settings.backoff_max_s)  # the first move is at once
+        if delay <= 0:
+            self.move(job, JobEvent.EXITED_RESTART, EventKind.JOB_STOPPING_DONE, Severity.INFO, f"job {job.name} stopped for a restart ({ended})")
+            self.try_start(job, time.time())
+            self.persist(job)
+            return
+        a.backoff_until = time.time() + delay
+        a.reason = f"fault restart {a.restarts_by[FAULT]} of {job.spec.max_restarts}, in {delay:g}s: it did not stay up {settings.stable_after_s:g}s after the last move"
+        self.move(job, JobEvent.RESTART_DELAYED, EventKind.JOB_STOPPING_DONE, Severity.INFO, f"job {job.name} stopped for a restart ({ended}); {a.reason}")
+
+    @staticmethod
+    def _count(job: Job, kind: str) -> None:
+        job.attempt.restarts += 1
+        job.attempt.restarts_by[kind] = job.attempt.restarts_by.get(kind, 0) + 1
 
     def _gpu_holders(self, job: Job, result: StopResult) -> str:
         """After a stop: does NVML still list one of the job's processes on its GPUs?"""
@@ -283,14 +315,15 @@ class JobRunner:
         if ran_s >= settings.stable_after_s:
             a.requests = 0
         a.requests += 1
-        if a.restarts >= job.spec.max_restarts:
-            a.reason = f"exit 75 unasked (a restart request); gave up after {a.restarts} restart(s) (max_restarts {job.spec.max_restarts})"
+        used = a.restarts_by.get(REQUEST, 0)
+        if used >= job.spec.max_restarts:
+            a.reason = f"exit 75 unasked (a restart request); gave up after {used} such restart(s) (max_restarts {job.spec.max_restarts})"
             self.move(job, JobEvent.GAVE_UP, EventKind.JOB_FAILED, Severity.ERROR, f"job {job.name} failed: {a.reason}")
             return
         delay = backoff_s(a.requests, settings.backoff_initial_s, settings.backoff_max_s)
         a.backoff_until = time.time() + delay
-        a.restarts += 1
-        a.reason = f"exit 75 unasked (a restart request); restart {a.restarts} of {job.spec.max_restarts} in {delay:g}s"
+        self._count(job, REQUEST)
+        a.reason = f"exit 75 unasked (a restart request); restart {a.restarts_by[REQUEST]} of {job.spec.max_restarts} in {delay:g}s"
         self.move(job, JobEvent.RESTART_REQUESTED, EventKind.JOB_RESTART_REQUESTED, Severity.INFO, f"job {job.name}: {a.reason}")
 
     def _crashed(self, job: Job, code: int | None, ran_s: float, where: str) -> None:
@@ -300,14 +333,15 @@ class JobRunner:
         job.attempt.crashes += 1
         what = "exit status unknown" if code is None else (f"killed by signal {-code}" if code < 0 else f"exit {code}")
         tail = self._tail(job)
-        if job.attempt.restarts >= job.spec.max_restarts:
-            job.attempt.reason = f"{what}; gave up after {job.attempt.restarts} restart(s) (max_restarts {job.spec.max_restarts})"
+        used = job.attempt.restarts_by.get(CRASH, 0)
+        if used >= job.spec.max_restarts:
+            job.attempt.reason = f"{what}; gave up after {used} crash restart(s) (max_restarts {job.spec.max_restarts})"
             self.move(job, JobEvent.GAVE_UP, EventKind.JOB_FAILED, Severity.ERROR, f"job {job.name} failed: {job.attempt.reason}{where}", data={"output_tail": tail})
             return
         delay = backoff_s(job.attempt.crashes, settings.backoff_initial_s, settings.backoff_max_s)
         job.attempt.backoff_until = time.time() + delay
-        job.attempt.restarts += 1
-        job.attempt.reason = f"{what}; restart {job.attempt.restarts} of {job.spec.max_restarts} in {delay:g}s"
+        self._count(job, CRASH)
+        job.attempt.reason = f"{what}; restart {job.attempt.restarts_by[CRASH]} of {job.spec.max_restarts} in {delay:g}s"
         self.move(
             job, JobEvent.CRASHED, EventKind.JOB_CRASHED, Severity.WARNING, f"job {job.name} crashed: {job.attempt.reason}{where}",
             data={"output_tail": tail, "backoff_s": delay},

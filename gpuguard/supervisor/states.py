@@ -36,6 +36,7 @@ class JobEvent(enum.StrEnum):
     EXITED_RESTART = "exited_restart"  # exit 75, or stopped after a fault: start again
     CRASHED = "crashed"  # a non-zero exit with restarts left
     RESTART_REQUESTED = "restart_requested"  # exit 75 nobody asked for: restart after a back-off
+    RESTART_DELAYED = "restart_delayed"  # stopped for a fault again soon after the last move: back off
     GAVE_UP = "gave_up"  # a crash past max_restarts
     STOPPED = "stopped"  # the tree is gone after an operator stop
     BACKOFF_OVER = "backoff_over"
@@ -65,6 +66,8 @@ _MOVES: dict[tuple[JobState, JobEvent], JobState] = {
     (_S.CHECKPOINTING, _E.EXITED_OK): _S.SUCCEEDED,
     (_S.CHECKPOINTING, _E.EXITED_RESTART): _S.STARTING,
     (_S.STOPPING, _E.EXITED_RESTART): _S.STARTING,
+    (_S.STOPPING, _E.RESTART_DELAYED): _S.BACKOFF,
+    (_S.STOPPING, _E.GAVE_UP): _S.FAILED,  # its fault-restart budget is spent
     (_S.STOPPING, _E.EXITED_OK): _S.SUCCEEDED,
     (_S.STOPPING, _E.STOPPED): _S.STOPPED,
     (_S.STOPPING, _E.TERMINATING): _S.STOPPING,  # a stop resumed by a new daemon

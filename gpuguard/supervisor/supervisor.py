@@ -294,6 +294,7 @@ class Supervisor:
             "gpus": list(a.gpus) if job.state not in FINAL else [],
             "attempt": a.number,
             "restarts": a.restarts,
+            "restarts_by_kind": {kind: a.restarts_by.get(kind, 0) for kind in ("crash", "fault", "request")},
             "pid": a.pid if job.rt.proc is not None else None,
             "checkpoint": a.resume_pin or (str(newest.path) if newest else None),
             "checkpoint_path": str(job.checkpoint) if job.checkpoint else None,

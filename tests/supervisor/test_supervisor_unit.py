@@ -367,3 +367,20 @@ def test_a_job_that_does_not_handle_the_checkpoint_signal_gets_sigterm(node: Nod
     node.tick_until(sup, lambda: job.state == S.RUNNING and job.attempt.number == 2, "the restart on GPU 1")
     assert EventKind.CHECKPOINT_UNSUPPORTED in node.log.kinds("j")
     assert job.attempt.exit_code == -signal.SIGTERM
+
+
+def test_fault_restarts_have_their_own_budget_and_back_off(node: Node, moves: MoveLog) -> None:
+    """A restart-the-app Xid after each start: the first move is at once, later ones back off,
+    and after max_restarts fault restarts the job fails; crashes are not charged for them."""
+    sup = node.supervisor()
+    job = node.submit(sup, "j", HANDLER.format(code=75), max_restarts=2)
+    for n in (1, 2, 3):
+        ready = sup.files.heartbeat("j").with_name("heartbeat.ready")
+        wait_for(lambda: job.attempt.number == n and ready.exists(), f"attempt {n}'s handler")
+        ready.unlink()
+        xid = replace(node.facts[GPU0], app_xids=((13, float(n)),))  # a new restart-the-app Xid on its GPU
+        node.facts = dict(node.facts) | {GPU0: xid}
+        node.tick_until(sup, lambda: job.attempt.number == n + 1 or job.state in FINAL, f"the restart after Xid {n}")
+    assert job.state == S.FAILED and "max_restarts 2" in (job.attempt.reason or "")
+    assert job.attempt.restarts_by == {"fault": 2}
+    assert (S.STOPPING, E.RESTART_DELAYED, S.BACKOFF) in moves.moves
