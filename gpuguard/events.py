@@ -51,6 +51,7 @@ class EventKind(enum.StrEnum):
     JOB_ADOPTED = "job_adopted"  # a new daemon found the job's process running
     JOB_STOPPING_DONE = "job_stopping_done"  # stopped for a restart
     JOB_STOP_INCOMPLETE = "job_stop_incomplete"  # processes survived SIGKILL
+    GPU_NOT_RELEASED = "gpu_not_released"  # a restart started while NVML still listed the old attempt
     GPU_PROBATION_FAILED = "gpu_probation_failed"
     GPU_SUSPECT = "gpu_suspect"  # a job hung on it, no GPU-side evidence: avoided, not excluded
     GPU_SUSPICION_LIFTED = "gpu_suspicion_lifted"
@@ -62,6 +63,8 @@ class EventKind(enum.StrEnum):
     FOREIGN_NOT_SIGNALLED = "foreign_not_signalled"
     # a managed job does not handle its checkpoint signal: it was stopped without one
     CHECKPOINT_UNSUPPORTED = "checkpoint_unsupported"
+    # the database was lost or corrupt at start: jobs and quarantine rebuilt from the records files
+    STATE_REBUILT = "state_rebuilt"
 
 
 # keys of to_json() that an event's `data` may not replace

@@ -174,6 +174,9 @@ class Pool:
         """The node itself needs attention (a reboot-class fault)."""
         log.critical("node_unhealthy", reason=reason)
 
+    def refresh(self) -> None:
+        self._request_poll()
+
     # --- simulated holders ---------------------------------------------
     def occupied(self, uuid: str, pid: int) -> None:
         if self.backend.simulator is not None:

@@ -60,6 +60,8 @@ class Runtime:
     handled: set[tuple[object, ...]] = field(default_factory=set)  # fault keys acted on in this attempt
     clock: Clock | None = None  # hang assessment's memory
     waiting_reported: bool = False
+    old_pids: frozenset[int] = frozenset()  # the previous attempt's tree: its GPUs must be free of it
+    release_wait_since: float | None = None  # when the restart began to wait for that
 
 
 @dataclass

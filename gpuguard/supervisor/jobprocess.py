@@ -64,6 +64,7 @@ class JobProcess:
         self._returncode: int | None = None
         self._gone = False
         self._known: dict[int, float] = {}  # every pid seen in the tree -> its create_time
+        self.ever: set[int] = {pid}  # every pid the tree ever had: NVML may still list them on a GPU
         self._pidfd: int | None = None
         self._close_pidfd: Callable[[], None] = lambda: None
         if pids.pidfd_supported():
@@ -197,6 +198,7 @@ class JobProcess:
                 continue
             live[pid] = ct
         self._known = dict(live)
+        self.ever.update(live)
         return live, table
 
     def _reap(self, pid: int, stat: pids.ProcStat) -> None:
@@ -220,6 +222,11 @@ class JobProcess:
             if abs(proc.create_time() - ct) < pids.SAME_TIME_S:
                 procs.append(proc)
         return procs
+
+    @property
+    def known(self) -> frozenset[int]:
+        """The pids of the tree as last walked (call tree() each tick to keep it fresh)."""
+        return frozenset(self._known)
 
     def job_catches(self, sig: int) -> bool | None:
         """Does the job's own main process (the wrapper's child, which the wrapper

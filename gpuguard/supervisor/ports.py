@@ -52,6 +52,9 @@ class GpuPool(Protocol):
     def job_hung(self, job: str, uuids: Sequence[str]) -> None:
         """A job hung on these GPUs: the pool decides what that says about them."""
 
+    def refresh(self) -> None:
+        """Ask for fresh GPU facts soon (a poll now, not at the next interval)."""
+
     def occupied(self, uuid: str, pid: int) -> None:
         """A job's process now runs on this GPU (the simulator shows it as a holder)."""
 

@@ -34,6 +34,7 @@ log = structlog.get_logger("gpuguard.supervisor")
 TAIL_BYTES = 4096
 # the restart budgets, each counted and spent apart (status shows them as restarts_by_kind)
 CRASH, FAULT, REQUEST = "crash", "fault", "request"
+RELEASE_WAIT_S = 30.0  # how long a restart waits for NVML to stop listing the old attempt on its GPUs
 _WHAT = {
     Reaction.RESTART_SAME: "restart on the same GPU",
     Reaction.MOVE: "move to a healthy GPU",
@@ -112,6 +113,8 @@ class JobRunner:
                 self.say(job, EventKind.JOB_WAITING, Severity.WARNING, f"job {job.name} is waiting: it needs {needs} healthy GPU(s) and none can take it now")
                 self.persist(job)
             return
+        if not self._released(job, gpus, now):
+            return  # the next tick looks again
         if job.state == JobState.WAITING:
             job.attempt.state = transition(job.state, JobEvent.GPUS_FREE)
         job.rt.waiting_reported = False
@@ -149,6 +152,27 @@ class JobRunner:
                 data={"resume_from": resume, "attempt": job.attempt.number},
             )
 
+    def _released(self, job: Job, gpus: list[str], now: float) -> bool:
+        """Is every GPU free of the previous attempt's processes (NVML lists none of them)?
+        A restart on the same GPU would otherwise meet its memory still held. The wait is
+        bounded: past RELEASE_WAIT_S the attempt starts anyway, and an event says so."""
+        held = sorted({(self.index(u), pid) for u in gpus for pid in self.fact(u).holders if pid in job.rt.old_pids}, key=str)
+        if not held:
+            job.rt.old_pids, job.rt.release_wait_since = frozenset(), None
+            return True
+        if job.rt.release_wait_since is None:
+            job.rt.release_wait_since = now
+            self.ports.pool.refresh()  # the facts may be from before the old attempt ended
+        if now - job.rt.release_wait_since < RELEASE_WAIT_S:
+            return False
+        where = ", ".join(f"pid {pid} on GPU {index}" for index, pid in held)
+        self.say(
+            job, EventKind.GPU_NOT_RELEASED, Severity.WARNING,
+            f"job {job.name}: NVML still lists the previous attempt ({where}) after {RELEASE_WAIT_S:g}s; starting anyway",
+        )
+        job.rt.old_pids, job.rt.release_wait_since = frozenset(), None
+        return True
+
     def occupy(self, job: Job) -> None:
         if job.attempt.pid:
             for uuid in job.attempt.gpus:
@@ -158,6 +182,8 @@ class JobRunner:
         if job.attempt.pid:
             for uuid in job.attempt.gpus:
                 self.ports.pool.vacated(uuid, job.attempt.pid)
+        if job.rt.proc is not None:
+            job.rt.old_pids = frozenset(job.rt.proc.ever)
         job.rt.proc = None
         job.attempt.pid = job.attempt.start_time = None
 

@@ -216,7 +216,7 @@ class Supervisor:
                     self._tick_job(job, now)
                 except Exception:  # one job's trouble must not stop the others
                     log.exception("job_tick_failed", job=job.name)
-            ours = {p for j in self.jobs.values() if j.rt.proc is not None for p in j.rt.proc._known}
+            ours = {p for j in self.jobs.values() if j.rt.proc is not None for p in j.rt.proc.known}
             ours |= {j.attempt.pid for j in self.jobs.values() if j.attempt.pid}
             self.foreign.tick(facts, ours, self.ports.settings())
 

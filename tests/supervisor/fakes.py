@@ -80,6 +80,9 @@ class FakePool:
     def job_hung(self, job: str, uuids: Sequence[str]) -> None:
         self.calls.append(("job_hung", (job, tuple(uuids))))
 
+    def refresh(self) -> None:
+        self.calls.append(("refresh", ()))
+
     def occupied(self, uuid: str, pid: int) -> None:
         self.calls.append(("occupied", uuid, pid))
 

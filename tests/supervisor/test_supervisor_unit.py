@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -384,3 +385,33 @@ def test_fault_restarts_have_their_own_budget_and_back_off(node: Node, moves: Mo
     assert job.state == S.FAILED and "max_restarts 2" in (job.attempt.reason or "")
     assert job.attempt.restarts_by == {"fault": 2}
     assert (S.STOPPING, E.RESTART_DELAYED, S.BACKOFF) in moves.moves
+
+
+def test_a_restart_on_the_same_gpu_waits_until_nvml_no_longer_lists_the_old_attempt(node: Node) -> None:
+    sup = node.supervisor()
+    job = node.submit(sup, "j", HANDLER.format(code=75))
+    ready = sup.files.heartbeat("j").with_name("heartbeat.ready")
+    wait_for(ready.exists, "the job's signal handler")
+    old = job.attempt.pid
+    assert old is not None
+    held = replace(node.facts[GPU0], holders=(old,), app_xids=((13, 1.0),))  # NVML lists it; a restart-the-app Xid
+    node.facts = dict(node.facts) | {GPU0: held}
+    node.tick_until(sup, lambda: job.rt.release_wait_since is not None, "the restart to wait for GPU 0")
+    for _ in range(5):
+        sup.tick(time.time(), node.facts)
+    assert job.attempt.number == 1 and node.pool.called("refresh")
+    node.facts = dict(node.facts) | {GPU0: replace(held, holders=())}  # the driver let go
+    node.tick_until(sup, lambda: job.attempt.number == 2 and job.state == S.RUNNING, "the restart on GPU 0")
+    assert job.attempt.gpus == [GPU0] and EventKind.GPU_NOT_RELEASED not in node.log.kinds("j")
+
+
+def test_the_wait_for_a_gpu_to_be_released_is_bounded(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner_mod, "RELEASE_WAIT_S", 0.3)
+    sup = node.supervisor()
+    job = node.submit(sup, "j", HANDLER.format(code=75))
+    wait_for(sup.files.heartbeat("j").with_name("heartbeat.ready").exists, "the job's signal handler")
+    held = replace(node.facts[GPU0], holders=(job.attempt.pid or 0,), app_xids=((13, 1.0),))
+    node.facts = dict(node.facts) | {GPU0: held}
+    node.tick_until(sup, lambda: job.attempt.number == 2 and job.state == S.RUNNING, "the restart after the bound")
+    event = node.log.of(EventKind.GPU_NOT_RELEASED)[0]
+    assert "starting anyway" in event.message and f"pid {held.holders[0]} on GPU 0" in event.message
