@@ -13,7 +13,9 @@ So nothing the job's caller chose may steer the wrapper: it is started from a
 fixed environment, in "/", by path with -I -S, and reads the job's
 environment from ENV_FD as data for the child's execve. The child enters
 WORKDIR and the command is looked up on the job's PATH only after the child
-has taken the job's ids. A job that cannot start that way (STATUS
+has taken the job's ids. Before it takes them, the child gives up the
+daemon's OOM score (the unit's -500 keeps the daemon alive; a job must not
+share that). A job that cannot start that way (STATUS
 START_FAILED) has its reason written to REPORT_FD, which spawn() reads, and to
 the log; REPORT_FD closes without a word once the job has exec'd.
 
@@ -29,6 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 # Signals that the wrapper hands on instead of dying from. Faults of the
 # wrapper itself (SEGV, BUS, ...), job control stops and SIGCHLD are not
@@ -55,13 +58,21 @@ FORWARDED: frozenset[int] = frozenset(int(s) for s in signal.valid_signals() if 
 MARKER = "GPUGUARD_WRAPPER_PID"
 
 START_FAILED = 127  # the status of a job that never got as far as exec, as a shell has it
+# Every job's OOM score: the kernel's ordinary one, whatever the daemon's own.
+JOB_OOM_SCORE_ADJ = 0
 _USAGE = "usage: exitcode.py STATUS_FILE ENV_FD REPORT_FD WORKDIR [--user UID GID GROUPS] -- ARGV..."
 
 
 def write_status(path: Path, returncode: int) -> None:
-    """Write the status via a temp file and rename, so a reader sees all of it or nothing."""
+    """Write the status via a new temp file and rename, so a reader sees all of it or nothing.
+
+    The temp file is created, never opened through whatever sits at its name.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{returncode}\n")
+    tmp.unlink(missing_ok=True)  # left by a wrapper that had this pid before
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with open(fd, "w") as f:
+        f.write(f"{returncode}\n")
     os.replace(tmp, path)
 
 
@@ -142,13 +153,40 @@ def _report(fd: int, errno: int, reason: str) -> None:
         pass
 
 
-def _enter(workdir: str, report_fd: int) -> None:
-    """Run in the child after it took the job's ids, before exec: the workdir is entered as the job's user."""
+def _child_failed(report_fd: int, exc: OSError, what: str) -> NoReturn:
+    """In the child before exec: the job never starts; spawn() and the log learn why."""
+    _report(report_fd, exc.errno or 0, f"{what}: {exc.strerror}")
+    os._exit(START_FAILED)
+
+
+def _become_job(user: tuple[int, int, list[int]] | None, workdir: str, report_fd: int) -> None:
+    """Run in the child before exec: the job's OOM score, then the job's ids, then its workdir.
+
+    The score comes first: once the ids are dropped the child cannot write its
+    /proc files until it execs. Written with CAP_SYS_RESOURCE it also becomes
+    the floor the job cannot lower its score below. The workdir is entered as
+    the job's user.
+    """
+    try:
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(JOB_OOM_SCORE_ADJ).encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        _child_failed(report_fd, exc, f"OOM score {JOB_OOM_SCORE_ADJ}")
+    if user is not None:
+        uid, gid, groups = user
+        try:
+            os.setgroups(groups)
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        except OSError as exc:
+            _child_failed(report_fd, exc, f"switching to uid {uid} gid {gid}")
     try:
         os.chdir(workdir)
     except OSError as exc:
-        _report(report_fd, exc.errno or 0, f"working directory {workdir!r} as uid {os.getuid()}: {exc.strerror}")
-        os._exit(START_FAILED)
+        _child_failed(report_fd, exc, f"working directory {workdir!r} as uid {os.getuid()}")
 
 
 def _exit_like(returncode: int) -> None:
@@ -170,12 +208,9 @@ def main(args: list[str]) -> None:
     forward = _Forwarder()
     for sig in FORWARDED:
         signal.signal(sig, forward)
-    opts: dict[str, object] = {"env": env, "preexec_fn": lambda: _enter(workdir, report_fd)}
-    if user is not None:
-        uid, gid, groups = user
-        opts |= {"user": uid, "group": gid, "extra_groups": groups, "umask": 0o022}
+    umask = -1 if user is None else 0o022
     try:
-        child = subprocess.Popen(argv, **opts)  # type: ignore[call-overload]
+        child = subprocess.Popen(argv, env=env, umask=umask, preexec_fn=lambda: _become_job(user, workdir, report_fd))
     except OSError as exc:  # exec failed in the child, as the job's user
         _report(report_fd, exc.errno or 0, f"command {argv[0]!r}: {exc.strerror}")
         write_status(status_path, START_FAILED)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +35,35 @@ class JobFiles:
         return self.jobs_dir / name / "exit-status"
 
     def prepare(self, job: Job) -> None:
-        """The job's directories, its runtime dir owned by its user (it writes there)."""
-        (self.jobs_dir / job.name).mkdir(mode=0o700, exist_ok=True)
+        """The job's directories, its runtime dir owned by its user (it writes there).
+
+        STATE_DIR/jobs/NAME is the daemon's and 0711: the job's user opens its
+        log there by name, but can neither list the directory nor create,
+        replace or remove anything in it, so the exit status the wrapper writes
+        beside the log cannot be forged.
+        """
+        _daemon_dir(self.jobs_dir / job.name, 0o711)
         runtime = self.runtime(job.name)
         runtime.mkdir(mode=0o700, exist_ok=True)
         user = job.spec.user
         if user is not None and os.geteuid() == 0:
             os.chown(runtime, user.uid, user.gid)
+
+
+def _daemon_dir(path: Path, mode: int) -> None:
+    """Make path a directory of the daemon's with mode; one an older daemon made 0700 is opened up to mode.
+
+    A symlink there fails (never followed), and so does a directory of another owner.
+    """
+    path.mkdir(mode=mode, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        owner = os.fstat(fd).st_uid
+        if owner != os.geteuid():
+            raise PermissionError(errno.EPERM, f"owned by uid {owner}, not the daemon's", str(path))
+        os.fchmod(fd, mode)  # whatever the daemon's umask
+    finally:
+        os.close(fd)
 
 
 def job_env(job: Job, files: JobFiles, checkpoint_signal: str, resume: str | None) -> dict[str, str]:

@@ -21,9 +21,11 @@ checks in `pids`; the names the rest of the daemon uses are re-exported here.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pwd
 import select
+import stat
 import subprocess
 import sys
 import time
@@ -49,6 +51,9 @@ __all__ = [
 
 # All the environment a wrapper (which keeps the daemon's ids) ever gets.
 WRAPPER_ENV: Mapping[str, str] = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+# Appending, never through a symlink; a FIFO planted there fails (ENXIO)
+# instead of blocking the daemon. The log is made blocking once it is checked.
+_LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 # How long spawn() waits to hear whether the job got as far as exec (the
 # wrapper's interpreter start and a fork: tens of ms); after that the job counts
 # as started, and a later failure shows as its exit status START_FAILED.
@@ -77,16 +82,48 @@ def default_status_path(log_path: Path) -> Path:
 
 
 def _open_log(path: Path, user: UserSpec | None) -> int:
-    """Open the job's log for appending; a new one is 0640 and belongs to the job's user."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    """Open the job's log for appending: a regular file of the job's user, 0640, group the job's gid.
+
+    The log an earlier attempt left is appended to. Anything else at the path
+    (a symlink, a hard link, a FIFO, a file of another owner: planted, or a
+    log of the job when it ran as someone else) is unlinked, never written
+    through or handed to the job's user, and a new log takes its place.
+    """
+    owner = user if user is not None and os.geteuid() == 0 else None  # else the daemon's ids
+    fd = _earlier_log(path, owner.uid if owner is not None else os.geteuid())
+    if fd is None:
+        try:
+            fd = os.open(path, _LOG_FLAGS | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, "job log reappeared while it was replaced", str(path)) from None
     try:
-        fd = os.open(path, flags | os.O_EXCL, 0o640)
+        if owner is not None:
+            os.fchown(fd, owner.uid, owner.gid)
         os.fchmod(fd, 0o640)  # whatever the daemon's umask
-    except FileExistsError:
-        fd = os.open(path, flags)
-    if user is not None and os.geteuid() == 0:
-        os.fchown(fd, user.uid, user.gid)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
+
+
+def _earlier_log(path: Path, owner: int) -> int | None:
+    """The log of an earlier attempt, open; None once whatever else was at path is unlinked (or nothing was)."""
+    try:
+        fd = os.open(path, _LOG_FLAGS)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENXIO):  # a symlink; a FIFO nobody reads
+            raise
+        path.unlink()
+        return None
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == owner:
+        return fd
+    os.close(fd)
+    path.unlink()
+    return None
 
 
 def _env_memfd(env: Mapping[str, str]) -> int:
