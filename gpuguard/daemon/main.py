@@ -122,7 +122,7 @@ def run(
     lock_state_dir(config.daemon.state_dir)
     check_location(config.daemon.socket)  # before the supervisor creates the jobs' runtime dir beside it
     backend, kernel_log = make_backend(config, simulate)
-    store = EventStore(config.daemon.state_dir / "gpuguard.db")
+    store = EventStore(config.daemon.state_dir / "gpuguard.db", records=config.daemon.state_dir / "records")
     state_dir, socket_path = overrides
     daemon = Daemon(
         config,

@@ -1,5 +1,6 @@
 """gpuguard's memory: events, GPU quarantine and job records in one SQLite
-database (WAL mode) under the state dir.
+database (WAL mode) under the state dir, with quarantine and job records also
+kept as files beside it.
 
 Split by job so each part reads alone:
 
@@ -8,6 +9,10 @@ Split by job so each part reads alone:
   the file is corrupt (moved aside, rows that matter salvaged).
 - `event_store`: `EventStore`, the reads and writes the daemon makes on an
   open database (events with their in-memory backlog, quarantine, jobs).
+- `state`: jobs and quarantine kept twice, as rows and as files; the newer
+  copy wins, and a lost database is rebuilt from the files.
+- `records`: those files (STATE_DIR/records/jobs/<name>.json and
+  STATE_DIR/records/quarantine.json), each written atomically.
 
 Choices worth knowing:
 
@@ -24,7 +29,12 @@ Choices worth knowing:
 - `append()` never raises for a failing disk (full, read-only, I/O error):
   the event waits in a bounded in-memory backlog, each kind of failure is
   logged once, and the next append writes the backlog first. Quarantine
-  and job writes raise StoreError instead: their caller must know.
+  and job writes raise StoreError instead, when neither the row nor the
+  file took them: their caller must know.
+- A database lost or corrupt at open, with records files there, is rebuilt
+  from them and a critical `state_rebuilt` event says how many jobs and
+  excluded GPUs came back. Deleting the database alone does not reset
+  gpuguard's state: the records dir must go too.
 - Quarantine lives in its own table, so pruning events never un-excludes
   a GPU. Event ids are AUTOINCREMENT: never reused after a prune, so
   `since_id` polling stays correct.
@@ -32,11 +42,13 @@ Choices worth knowing:
 
 from __future__ import annotations
 
-from gpuguard.store.event_store import BACKLOG_MAX, EventStore, QuarantineEntry
+from gpuguard.store.event_store import BACKLOG_MAX, EventStore
+from gpuguard.store.records import QuarantineEntry, RecordFiles
 from gpuguard.store.schema import (
     BUSY_TIMEOUT_MS,
     JOURNAL_SIZE_LIMIT,
     SCHEMA_VERSION,
+    Opened,
     StoreError,
     migrate,
     open_database,
@@ -48,7 +60,9 @@ __all__ = [
     "JOURNAL_SIZE_LIMIT",
     "SCHEMA_VERSION",
     "EventStore",
+    "Opened",
     "QuarantineEntry",
+    "RecordFiles",
     "StoreError",
     "migrate",
     "open_database",

@@ -4,7 +4,10 @@ Kept apart from `schema` (tables, migrations, opening, salvage) because this
 is the part that runs every tick: one connection behind a lock, each write one
 short transaction. `append()` never raises for a failing disk (the event waits
 in a bounded backlog); quarantine and job writes raise StoreError, since
-their caller must know.
+their caller must know. Jobs and quarantine are delegated to `state`, which
+also keeps them as files when the store is given a records dir; a database
+lost or corrupt at open is then rebuilt from them, with a critical
+`state_rebuilt` event.
 """
 
 from __future__ import annotations
@@ -16,29 +19,23 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from gpuguard.events import Event
+from gpuguard.events import Event, EventKind
 from gpuguard.health.types import Severity
-from gpuguard.store.schema import StoreError, open_database
+from gpuguard.store.records import QuarantineEntry, RecordFiles
+from gpuguard.store.schema import Opened, StoreError, open_database
+from gpuguard.store.state import DurableState, Loaded
 
 log = structlog.get_logger(__name__)
 
 BACKLOG_MAX = 1000
 
 _EVENT_COLUMNS = "id, ts, kind, severity, gpu, job, xid, message, data"
-
-
-@dataclass(frozen=True, slots=True)
-class QuarantineEntry:
-    uuid: str
-    reason: str
-    by: str
-    ts: float
 
 
 def _json(value: Mapping[str, Any]) -> str:
@@ -70,15 +67,42 @@ def _matches(event: Event, gpu: str | None, job: str | None, kinds: Sequence[str
 
 
 class EventStore:
-    """The SQLite store; safe to share between threads."""
+    """The SQLite store; safe to share between threads. With `records` (a
+    dir), job records and the quarantine list are also kept as files there."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, records: Path | None = None) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
         self._backlog: deque[Event] = deque(maxlen=BACKLOG_MAX)
         self._dropped = 0  # backlog overflow since the last good write
         self._failures: set[str] = set()  # failure kinds already logged
-        self._conn: sqlite3.Connection | None = open_database(self.path)
+        opened = open_database(self.path)
+        self._conn: sqlite3.Connection | None = opened.conn
+        files = RecordFiles(records) if records is not None else None
+        self._state = DurableState(self._guarded_write, self._read, files)
+        try:
+            loaded = self._state.load()
+        except BaseException:
+            self.close()
+            raise
+        if files is not None and (opened.moved_aside is not None or (opened.fresh and loaded.had_files)):
+            self._rebuilt(opened, loaded, files)
+
+    def _rebuilt(self, opened: Opened, loaded: Loaded, files: RecordFiles) -> None:
+        """Say loudly that the database was lost and what came back from the files."""
+        what = f"was corrupt (moved to {opened.moved_aside})" if opened.moved_aside else "was missing or empty"
+        message = (
+            f"event store {self.path} {what}: rebuilt {len(loaded.jobs)} job(s) and "
+            f"{len(loaded.gpus)} excluded GPU(s) from {files.root}; events before this are not here"
+        )
+        data = {
+            "moved_to": str(opened.moved_aside) if opened.moved_aside else None,
+            "records": str(files.root),
+            "jobs": loaded.jobs,
+            "gpus": loaded.gpus,
+        }
+        log.critical("store_rebuilt", path=str(self.path), **data)
+        self.append(Event(kind=EventKind.STATE_REBUILT, severity=Severity.CRITICAL, message=message, data=data))
 
     # --- plumbing ------------------------------------------------------
     def _connection(self) -> sqlite3.Connection:
@@ -107,7 +131,7 @@ class EventStore:
             except sqlite3.Error as exc:
                 raise StoreError(f"{self.path}: cannot {what}: {exc}") from exc
 
-    def _read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+    def _read(self, sql: str, params: Iterable[Any]) -> list[tuple[Any, ...]]:
         with self._lock:
             try:
                 return self._connection().execute(sql, tuple(params)).fetchall()
@@ -227,51 +251,33 @@ class EventStore:
                 pass
         return total
 
-    # --- quarantine ----------------------------------------------------
+    # --- quarantine and jobs (kept twice: see `state`) ---------------
     def exclude(self, uuid: str, reason: str, by: str, ts: float | None = None) -> None:
         """Quarantine a GPU (again: the new reason replaces the old)."""
-        row = (uuid, reason, by, time.time() if ts is None else ts)
-        self._guarded_write(
-            "exclude a GPU",
-            lambda c: c.execute("INSERT OR REPLACE INTO quarantine (uuid, reason, by, ts) VALUES (?, ?, ?, ?)", row),
-        )
+        self._state.exclude(QuarantineEntry(uuid, reason, by, time.time() if ts is None else ts))
 
     def include(self, uuid: str) -> bool:
         """Return a GPU to service; False if it was not excluded."""
-        gone = self._guarded_write(
-            "include a GPU", lambda c: c.execute("DELETE FROM quarantine WHERE uuid = ?", (uuid,)).rowcount
-        )
-        return bool(gone)
+        return self._state.include(uuid)
 
     def excluded(self) -> dict[str, QuarantineEntry]:
-        rows = self._read("SELECT uuid, reason, by, ts FROM quarantine ORDER BY ts, uuid")
-        return {r[0]: QuarantineEntry(*r) for r in rows}
+        return self._state.excluded()
 
-    # --- jobs ----------------------------------------------------------
     def put_job(self, name: str, record: Mapping[str, Any]) -> None:
-        """Insert or replace a job's record; it must hold a "state"."""
-        if "state" not in record:
-            raise ValueError(f"job record for {name!r} has no 'state'")
-        row = (name, str(record["state"]), time.time(), _json(record))
-        self._guarded_write(
-            "save a job",
-            lambda c: c.execute("INSERT OR REPLACE INTO jobs (name, state, updated, record) VALUES (?, ?, ?, ?)", row),
-        )
+        """Insert or replace a job's record; it must hold a "state". Raises
+        StoreError only when no copy could be written."""
+        self._state.put_job(name, record)
 
     def get_job(self, name: str) -> dict[str, Any] | None:
-        rows = self._read("SELECT record FROM jobs WHERE name = ?", (name,))
-        return json.loads(rows[0][0]) if rows else None
+        return self._state.get_job(name)
 
     def jobs(self) -> list[dict[str, Any]]:
         """Every job record, by name."""
-        return [json.loads(r[0]) for r in self._read("SELECT record FROM jobs ORDER BY name")]
+        return self._state.jobs()
 
     def delete_job(self, name: str) -> bool:
         """Forget a job; False if there was no record."""
-        gone = self._guarded_write(
-            "delete a job", lambda c: c.execute("DELETE FROM jobs WHERE name = ?", (name,)).rowcount
-        )
-        return bool(gone)
+        return self._state.delete_job(name)
 
     # --- closing -------------------------------------------------------
     def close(self) -> None:

@@ -6,6 +6,8 @@ everything here runs once, when the store opens. A corrupt file is moved
 aside and a fresh one started (a daemon that refuses to start leaves the node
 unwatched), with quarantine and job rows copied over where they still read.
 A database from a newer gpuguard is not corrupt: StoreError, nothing touched.
+`open_database` also says whether the file was new (or empty) and where a
+corrupt one went, so the store can tell a lost database from a first start.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5000
 JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024  # the WAL is truncated to this after a checkpoint
 
@@ -69,13 +72,30 @@ def _schema_v1(conn: sqlite3.Connection) -> None:
     )
 
 
+def _schema_v2(conn: sqlite3.Connection) -> None:
+    # when a set of rows (the quarantine list) was last saved: the store's
+    # stamp, also in the records files, so the newer copy can be told
+    conn.execute("CREATE TABLE saved (what TEXT PRIMARY KEY, saved_at REAL NOT NULL)")
+
+
 # _MIGRATIONS[n] takes a database from user_version n to n + 1
-_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_v1,)
+_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_v1, _schema_v2)
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 
-def migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Bring the schema to SCHEMA_VERSION, one step per transaction."""
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """An open database: `fresh` when it started empty (new, empty, or the
+    replacement of a corrupt file), `moved_aside` where a corrupt one went."""
+
+    conn: sqlite3.Connection
+    fresh: bool
+    moved_aside: Path | None
+
+
+def migrate(conn: sqlite3.Connection, path: Path) -> int:
+    """Bring the schema to SCHEMA_VERSION, one step per transaction; returns
+    the version found."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise StoreError(
@@ -90,6 +110,7 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+    return int(version)
 
 
 def _is_corruption(exc: sqlite3.Error) -> bool:
@@ -97,23 +118,24 @@ def _is_corruption(exc: sqlite3.Error) -> bool:
     return code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
-def open_database(path: Path) -> sqlite3.Connection:
-    """A connection to the database at `path`, migrated to SCHEMA_VERSION; a
-    corrupt file is moved aside and its quarantine and job rows salvaged into
-    a fresh one. Raises StoreError when neither opens."""
+def open_database(path: Path) -> Opened:
+    """The database at `path`, migrated to SCHEMA_VERSION; a corrupt file is
+    moved aside and its quarantine and job rows salvaged into a fresh one.
+    Raises StoreError when neither opens."""
     try:
         try:
-            return _connect(path)
+            conn, found = _connect(path)
+            return Opened(conn, fresh=found == 0, moved_aside=None)
         except _Corrupt as exc:
             aside = _move_aside(path, str(exc))
-        conn = _connect(path)
+        conn, _ = _connect(path)
     except (OSError, sqlite3.Error, _Corrupt) as exc:
         raise StoreError(f"{path}: cannot open the event store: {exc}") from exc
     _salvage(aside, conn)
-    return conn
+    return Opened(conn, fresh=True, moved_aside=aside)
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path) -> tuple[sqlite3.Connection, int]:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not path.exists():
         # SQLite gives the -wal and -shm files the database file's mode
@@ -130,7 +152,7 @@ def _connect(path: Path) -> sqlite3.Connection:
             log.warning("store_not_wal", path=str(path), journal_mode=mode)
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
-        migrate(conn, path)
+        found = migrate(conn, path)
     except sqlite3.DatabaseError as exc:
         conn.close()
         if _is_corruption(exc):
@@ -139,7 +161,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     except BaseException:
         conn.close()
         raise
-    return conn
+    return conn, found
 
 
 def _move_aside(path: Path, why: str) -> Path:
