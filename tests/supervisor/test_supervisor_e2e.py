@@ -281,7 +281,7 @@ def test_a_job_waits_for_a_healthy_gpu(setup: Setup) -> None:
 def test_a_restarted_daemon_adopts_its_job(setup: Setup) -> None:
     d = setup.daemon()
     work = setup.workdir()
-    run_trainer(d, "kept", work, "--finish-after", "60")
+    run_trainer(d, "kept", work, "--finish-after", "200")  # 10 s: it must outlive a slow daemon restart
     first = running_attempt(d, "kept", work)
     wrapper = job_view(d, "kept")["pid"]
     d.stop(signal.SIGKILL)
@@ -290,7 +290,7 @@ def test_a_restarted_daemon_adopts_its_job(setup: Setup) -> None:
     job = job_view(d, "kept")
     assert job["state"] == "running" and job["pid"] == wrapper and not gone(first["pid"])
     assert "job_adopted" in kinds(d, "kept")
-    d.wait_for(lambda s: s["jobs"][0]["state"] == "succeeded", timeout_s=8, what="the adopted job succeeded")
+    d.wait_for(lambda s: s["jobs"][0]["state"] == "succeeded", timeout_s=30, what="the adopted job succeeded")
     assert kinds(d, "kept").count("job_succeeded") == 1
     assert d.gpu(0)["jobs"] == []
 
