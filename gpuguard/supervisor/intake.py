@@ -1,8 +1,17 @@
 """Checkpoints into snapshots: watch each job's checkpoint file, and keep a
-validated copy of every complete write in the snapshot ring."""
+validated copy of every complete write in the snapshot ring.
+
+Everything here is read on behalf of a job, so a path the job controls is
+never trusted: the file a trainer names its checkpoint in is read only when
+it is a small regular file of the job's user (no symlink followed, no wait
+on a FIFO), and a checkpoint is taken only when the job's user could read it
+(`snapshot_files`). A copy runs on the watcher's callback thread; `ingest`,
+called from the tick, is a stat when that write was already taken.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,12 +21,15 @@ from gpuguard.events import EventKind
 from gpuguard.health.types import Severity
 from gpuguard.supervisor.files import JobFiles
 from gpuguard.supervisor.job import Job
+from gpuguard.supervisor.snapshot_files import SourceRefused, read_small
 from gpuguard.supervisor.snapshots import Snapshot, SnapshotCorrupt, SnapshotRing
 from gpuguard.supervisor.watch import CheckpointWatcher
 
 log = structlog.get_logger("gpuguard.supervisor")
 
 Say = Callable[[Job, str, Severity, str], None]  # an event about a job
+Identity = tuple[int, int, int, int]  # (device, inode, size, mtime_ns): one write of a file
+CHECKPOINT_FILE_MAX = 4096  # bytes; the file holds one path
 
 
 class CheckpointIntake:
@@ -30,39 +42,70 @@ class CheckpointIntake:
         self._lookup = lookup
         self._say = say
         self._persist = persist
+        self._refused: dict[str, Identity] = {}  # job -> its checkpoint-path file last ignored
+        self._taken: dict[str, Identity] = {}  # job -> the checkpoint write last found in the ring
 
     def watch(self, job: Job) -> None:
+        """Follow the job's checkpoint from now on (a new job, or a path just named)."""
+        self._taken.pop(job.name, None)
         if job.checkpoint is not None:
             self.watcher.watch(job.name, job.checkpoint, self._on_checkpoint)
 
     def read_checkpoint_file(self, job: Job) -> None:
-        """A trainer may say where its checkpoint is (GPUGUARD_CHECKPOINT_FILE)."""
+        """A trainer may say where its checkpoint is (GPUGUARD_CHECKPOINT_FILE).
+
+        Never blocks: anything but a small regular file of the job's user holding
+        one absolute path is ignored, logged once per write of the file.
+        """
         if job.checkpoint is not None:
             return
-        try:
-            text = self.files.checkpoint_file(job.name).read_text(errors="replace").strip()
-        except OSError:
+        path = self.files.checkpoint_file(job.name)
+        seen = _identity(path)
+        if seen is None or self._refused.get(job.name) == seen:
             return
-        if text and Path(text).is_absolute():
-            job.attempt.checkpoint_found = text
-            self.watch(job)
-            self._persist(job)
-            log.info("job_checkpoint_path", job=job.name, checkpoint=text)
+        owner = job.spec.user.uid if job.spec.user is not None else None
+        try:
+            text = read_small(path, owner, CHECKPOINT_FILE_MAX).decode(errors="replace").strip()
+            if not text:
+                return  # not written yet
+            if not Path(text).is_absolute() or "\x00" in text or "\n" in text:
+                raise SourceRefused("not one absolute path")
+        except FileNotFoundError:
+            return
+        except SourceRefused as exc:
+            self._refused[job.name] = seen
+            log.warning("job_checkpoint_file_ignored", job=job.name, path=str(path), reason=str(exc))
+            return
+        job.attempt.checkpoint_found = text
+        self.watch(job)
+        self._persist(job)
+        log.info("job_checkpoint_path", job=job.name, checkpoint=text)
 
     def _on_checkpoint(self, name: str, path: Path) -> None:
-        """Watcher thread: a checkpoint write looks complete."""
+        """The watcher's callback thread: a checkpoint write looks complete."""
         job = self._lookup(name)
-        if job is not None:
+        if job is not None and _identity(path) != self._taken.get(name):
             self.snapshot(job, path)
 
     def ingest(self, job: Job) -> None:
-        """Right after the job ended: take the checkpoint it may just have written."""
+        """Right after the job ended: take the checkpoint it may just have written.
+
+        Only a stat when the watcher (or an earlier ingest) already has that
+        write in the ring; otherwise the copy runs on the caller's thread.
+        """
         self.read_checkpoint_file(job)
-        if job.checkpoint is not None and job.checkpoint.exists():
-            self.snapshot(job, job.checkpoint)
+        path = job.checkpoint
+        if path is not None and _identity(path) not in (None, self._taken.get(job.name)):
+            self.snapshot(job, path)
 
     def snapshot(self, job: Job, path: Path) -> None:
-        result = self.ring.add(job.name, path, job_workdir=job.spec.workdir, meta={"attempt": job.attempt.number})
+        """Hand one write of the checkpoint to the ring, as the job's user could read it."""
+        seen = _identity(path)
+        result = self.ring.add(
+            job.name, path, job_workdir=job.spec.workdir, job_user=job.spec.user, meta={"attempt": job.attempt.number}
+        )
+        if seen is not None and result.snapshot is not None:  # saved, or the same content as the newest
+            self._taken[job.name] = seen
         if result.saved and result.snapshot is not None:
             if job.attempt.number > job.attempt.pin_attempt:
                 # newer work supersedes a rollback; a checkpoint the rolled-back attempt
@@ -93,3 +136,12 @@ class CheckpointIntake:
 
     def close(self) -> None:
         self.watcher.stop()
+
+
+def _identity(path: Path) -> Identity | None:
+    """Which write of the file is there now, without following a symlink; None when absent."""
+    try:
+        st = os.lstat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)

@@ -3,6 +3,12 @@
 The checkpoint path and every directory below the job's workdir are the
 job's to control: a symlink there could make the root daemon copy another
 user's file into a snapshot the job may read, so nothing there is followed.
+A job that runs as a user gets only what that user could read: each
+directory from `/` to the file must be searchable by the user and the file
+readable by it, judged from the mode bits as the kernel would (ACLs are not
+read), on the very descriptors that are opened, so nothing can be swapped
+between the check and the copy. Files the daemon reads for a job
+(`read_small`) are opened without following a symlink or blocking on a FIFO.
 Writes into the ring are fsynced before they are renamed into place.
 """
 
@@ -10,32 +16,46 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 
 from gpuguard.supervisor.checkpoints import CHUNK, CheckpointCheck, validate
+from gpuguard.supervisor.process import UserSpec
+
+_READ, _SEARCH = 4, 1  # the r and x bits of each class (owner, group, others)
+_NO_FOLLOW = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 class SourceRefused(Exception):
     """The source may not be opened (symlink, outside the workdir, ...); the message says why."""
 
 
-def open_source(source: Path, workdir: Path | None) -> int:
-    """Open the source read-only without following any symlink (below the workdir)."""
+def open_source(source: Path, workdir: Path | None, user: UserSpec | None = None) -> int:
+    """Open the source read-only, following no symlink below the workdir, as `user` could.
+
+    `user` None (or root) may read anything; the workdir's own path may go
+    through symlinks (it is resolved first), nothing below it may.
+    """
     source = Path(os.path.abspath(source))
     if source.is_symlink():
         raise SourceRefused("source is a symlink")
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
+    if workdir is None:
+        base, rel = Path(os.path.realpath(source.parent)), Path(source.name)
+    else:
+        base, rel = Path(os.path.realpath(workdir)), _relative_to_workdir(source, workdir)
+    checked = None if user is None or user.uid == 0 else user
     try:
-        if workdir is None:
-            return os.open(source, flags)
-        rel = _relative_to_workdir(source, workdir)
-        dir_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dir_fd = os.open("/", _DIR)
         try:
-            for part in rel.parts[:-1]:
-                next_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            where = Path("/")
+            for part in (*base.parts[1:], *rel.parts[:-1]):
+                _require(dir_fd, checked, _SEARCH, f"cannot search {where}")
+                next_fd = os.open(part, _DIR, dir_fd=dir_fd)
                 os.close(dir_fd)
-                dir_fd = next_fd
-            return os.open(rel.parts[-1], flags, dir_fd=dir_fd)
+                dir_fd, where = next_fd, where / part
+            _require(dir_fd, checked, _SEARCH, f"cannot search {where}")
+            fd = os.open(rel.parts[-1], _NO_FOLLOW, dir_fd=dir_fd)
         finally:
             os.close(dir_fd)
     except FileNotFoundError:
@@ -46,6 +66,58 @@ def open_source(source: Path, workdir: Path | None) -> int:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             raise SourceRefused("a symlink in the source path") from None
         raise SourceRefused(f"cannot open: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SourceRefused("not a regular file")
+        _require(fd, checked, _READ, "may not read it")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _require(fd: int, user: UserSpec | None, want: int, what: str) -> None:
+    """Refuse unless `user` (None: anyone) has `want` on the open file, by its mode bits."""
+    if user is None:
+        return
+    st = os.fstat(fd)
+    if st.st_uid == user.uid:
+        shift = 6
+    elif st.st_gid == user.gid or st.st_gid in user.groups:
+        shift = 3
+    else:
+        shift = 0
+    if not (st.st_mode >> shift) & want:
+        mode = stat.S_IMODE(st.st_mode)
+        raise SourceRefused(f"the job's user (uid {user.uid}) {what} (owner uid {st.st_uid}, gid {st.st_gid}, mode {mode:04o})")
+
+
+def read_small(path: Path, owner: int | None, limit: int) -> bytes:
+    """The content of a small regular file a job controls: no symlink followed, no
+    wait on a FIFO, owned by `owner` (None: anyone), at most `limit` bytes.
+
+    Raises FileNotFoundError when it is absent, SourceRefused otherwise.
+    """
+    try:
+        fd = os.open(path, _NO_FOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise
+        raise SourceRefused("a symlink" if exc.errno == errno.ELOOP else f"cannot open: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SourceRefused("not a regular file")
+        if owner is not None and st.st_uid != owner:
+            raise SourceRefused(f"owned by uid {st.st_uid}, not the job's uid {owner}")
+        data = b""
+        while len(data) <= limit and (chunk := os.read(fd, limit + 1 - len(data))):
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise SourceRefused(f"larger than {limit} bytes")
+    return data
 
 
 def _relative_to_workdir(source: Path, workdir: Path) -> Path:

@@ -30,6 +30,7 @@ import structlog
 
 from gpuguard.contract import valid_job_name
 from gpuguard.supervisor.checkpoints import CheckpointCheck, validate_fd
+from gpuguard.supervisor.process import UserSpec
 from gpuguard.supervisor.retention import select_retained
 from gpuguard.supervisor.snapshot_check import OK, SnapshotChecks
 from gpuguard.supervisor.snapshot_files import SourceRefused, copy_validated, fsync_dir, open_source, write_synced
@@ -138,19 +139,26 @@ class SnapshotRing:
     # ---- adding -------------------------------------------------------------------
 
     def add(
-        self, job: str, source: Path, *, job_workdir: Path | None = None, meta: Mapping[str, Any] | None = None
+        self,
+        job: str,
+        source: Path,
+        *,
+        job_workdir: Path | None = None,
+        job_user: UserSpec | None = None,
+        meta: Mapping[str, Any] | None = None,
     ) -> AddResult:
         """Copy `source` into the job's ring if it is a complete checkpoint.
 
         Never follows a symlink: the source and, with a workdir, every path
         component below the workdir are opened without following links, and a
-        source outside the workdir is refused.
+        source outside the workdir is refused. With `job_user`, only a file
+        that user could read is taken (`snapshot_files.open_source`).
         """
         jobdir = self._jobdir(job)
         meta = dict(meta or {})
         json.dumps(meta)  # a meta that cannot be stored is the caller's bug: fail before any I/O
         try:
-            src_fd = open_source(source, job_workdir)
+            src_fd = open_source(source, job_workdir, job_user)
         except SourceRefused as exc:
             return self._refuse(job, source, str(exc))
         try:

@@ -12,11 +12,15 @@ caller's job, since the file may still be torn.
 All state lives on one worker thread: watchdog's dispatcher only queues
 events, and watch()/unwatch() hand their work to the worker and wait, so no
 lock is ever held across a call into watchdog (whose dispatcher calls our
-handler under its own lock).
+handler under its own lock). The callbacks (a copy of a large checkpoint)
+run on a thread of their own, `checkpoint-snapshot`, so a watch() from the
+supervisor's tick never waits for one; a file reported again while its
+report is still queued is reported once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -80,9 +84,14 @@ class CheckpointWatcher:
         self._observer = observer or Observer()
         self._jobs: dict[str, _Job] = {}
         self._dirs: dict[str, tuple[ObservedWatch, int]] = {}  # watched dir -> (watch, users)
+        self._reports: queue.SimpleQueue[Any] = queue.SimpleQueue()  # (job, callback, path) or _STOP
+        self._queued: set[str] = set()  # jobs with a report waiting on the callback thread
+        self._queued_lock = threading.Lock()
         self._observer.start()
         self._thread = threading.Thread(target=self._loop, name="checkpoint-watcher", daemon=True)
         self._thread.start()
+        self._reporter = threading.Thread(target=self._report_loop, name="checkpoint-snapshot", daemon=True)
+        self._reporter.start()
 
     # ---- public: each runs on the worker thread and waits for it ------------------
 
@@ -97,19 +106,23 @@ class CheckpointWatcher:
         self._call(lambda: self._unwatch(job))
 
     def stop(self) -> None:
-        """Stop watching everything; pending writes are not reported."""
+        """Stop watching everything; pending writes and queued reports are dropped,
+        a callback under way ends first."""
         if self._thread.is_alive():
             self._inbox.put(_STOP)
-            if threading.current_thread() is not self._thread:
-                self._thread.join()
+            self._thread.join()
+        if self._reporter.is_alive():
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._reports.get_nowait()
+            self._reports.put(_STOP)
+            if threading.current_thread() is not self._reporter:
+                self._reporter.join()
         if self._observer.is_alive():
             self._observer.stop()
             self._observer.join()
 
     def _call(self, run: Callable[[], None]) -> None:
-        if threading.current_thread() is self._thread:  # from inside a callback
-            run()
-            return
         if not self._thread.is_alive():
             raise RuntimeError("checkpoint watcher is stopped")
         command = _Command(run)
@@ -187,10 +200,23 @@ class CheckpointWatcher:
                 self._report(job, entry)
 
     def _report(self, job: str, entry: _Job) -> None:
-        try:
-            entry.on_complete(job, Path(entry.path))
-        except Exception:
-            log.exception("checkpoint callback failed", job=job, path=entry.path)
+        """Hand the report to the callback thread, unless one for the job is still queued."""
+        with self._queued_lock:
+            if job in self._queued:
+                return
+            self._queued.add(job)
+        self._reports.put((job, entry.on_complete, Path(entry.path)))
+
+    def _report_loop(self) -> None:
+        """The callback thread: one report at a time, in order."""
+        while (item := self._reports.get()) is not _STOP:
+            job, on_complete, path = item
+            with self._queued_lock:
+                self._queued.discard(job)  # a write settling from now on needs a new look
+            try:
+                on_complete(job, path)
+            except Exception:
+                log.exception("checkpoint callback failed", job=job, path=str(path))
 
     # ---- which directory to watch -------------------------------------------------
 
