@@ -239,6 +239,9 @@ class JobRunner:
 
         def run() -> None:
             result = proc.stop(sig, grace, term, on_phase)
+            # the checkpoint it may just have written is copied here, off the tick and its
+            # locks; finish_stop's own ingest then finds it in the ring (a stat)
+            self.intake.ingest(job)
             with self.lock:
                 job.rt.stop_result = result
             self.ports.wake()  # finish the stop at once, not at the next poll

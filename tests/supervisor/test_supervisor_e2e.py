@@ -216,11 +216,11 @@ def test_a_job_ignoring_the_signal_is_killed_with_its_other_session(setup: Setup
     first = running_attempt(d, "deaf", work)
     assert psutil.pid_exists(first["grandchild"])
     assert psutil.Process(first["grandchild"]).pid == os.getsid(first["grandchild"])  # its own session
-    injected = time.monotonic()
     d.ctl("inject", "0", "xid", "79")
     wait_until(lambda: attempts(work)[1:], GRACE_S + 5, "the second attempt")
-    assert time.monotonic() - injected >= GRACE_S
     assert gone(first["pid"]) and gone(first["grandchild"])
+    # it does not catch the checkpoint signal: no grace is waited out for a checkpoint that cannot come
+    assert "checkpoint_unsupported" in kinds(d, "deaf")
     done = [e for e in events(d, "deaf") if e["kind"] == "job_stopping_done"]
     assert done and "SIGKILL" in done[-1]["message"]
 
@@ -254,7 +254,7 @@ def test_a_crash_loop_backs_off_then_fails(setup: Setup) -> None:
     assert [e["backoff_s"] for e in crashed] == [0.2, 0.4, 0.8]
     failed = [e for e in evs if e["kind"] == "job_failed"]
     assert len(failed) == 1
-    assert "gave up after 3 restart(s)" in failed[0]["message"] and "exit 1" in failed[0]["message"]
+    assert "gave up after 3 crash restart(s)" in failed[0]["message"] and "exit 1" in failed[0]["message"]
     assert "simulated crash" in failed[0]["output_tail"]
     assert len(attempts(work)) == 4
     job = job_view(d, "loop")
