@@ -1,6 +1,6 @@
 """The wrapper every managed job runs under, so a restarted daemon can learn how it ended.
 
-`python -I -S exitcode.py STATUS_FILE ENV_FD REPORT_FD WORKDIR [--user UID GID GROUPS] -- ARGV...`
+`python -I -S exitcode.py STATUS_FILE ENV_FD REPORT_FD WORKDIR [--user UID GID GROUPS] [--cgroup DIR] -- ARGV...`
 runs ARGV as its child, forwards every catchable signal to it, and when it
 ends writes its exit status (the code, or -N for death by signal N, as
 subprocess reports it) to STATUS_FILE atomically, then exits the same way
@@ -13,9 +13,11 @@ So nothing the job's caller chose may steer the wrapper: it is started from a
 fixed environment, in "/", by path with -I -S, and reads the job's
 environment from ENV_FD as data for the child's execve. The child enters
 WORKDIR and the command is looked up on the job's PATH only after the child
-has taken the job's ids. Before it takes them, the child gives up the
-daemon's OOM score (the unit's -500 keeps the daemon alive; a job must not
-share that). A job that cannot start that way (STATUS
+has taken the job's ids. Before it takes them, the child joins the job's
+cgroup DIR (so every process the job forks is born there; the wrapper stays
+outside, so a kill of that cgroup cannot end the wrapper before it writes
+STATUS_FILE) and gives up the daemon's OOM score (the unit's -500 keeps the
+daemon alive; a job must not share that). A job that cannot start that way (STATUS
 START_FAILED) has its reason written to REPORT_FD, which spawn() reads, and to
 the log; REPORT_FD closes without a word once the job has exec'd.
 
@@ -31,7 +33,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 # Signals that the wrapper hands on instead of dying from. Faults of the
 # wrapper itself (SEGV, BUS, ...), job control stops and SIGCHLD are not
@@ -60,7 +62,7 @@ MARKER = "GPUGUARD_WRAPPER_PID"
 START_FAILED = 127  # the status of a job that never got as far as exec, as a shell has it
 # Every job's OOM score: the kernel's ordinary one, whatever the daemon's own.
 JOB_OOM_SCORE_ADJ = 0
-_USAGE = "usage: exitcode.py STATUS_FILE ENV_FD REPORT_FD WORKDIR [--user UID GID GROUPS] -- ARGV..."
+_USAGE = "usage: exitcode.py STATUS_FILE ENV_FD REPORT_FD WORKDIR [--user UID GID GROUPS] [--cgroup DIR] -- ARGV..."
 
 
 def write_status(path: Path, returncode: int) -> None:
@@ -117,19 +119,38 @@ class _Forwarder:
             self(self.pending.pop(0), None)
 
 
-def _parse(args: list[str]) -> tuple[Path, int, int, str, tuple[int, int, list[int]] | None, list[str]]:
+class _Args(NamedTuple):
+    """The command line (no dataclasses: the wrapper must start fast)."""
+
+    status_path: Path
+    env_fd: int
+    report_fd: int
+    workdir: str
+    user: tuple[int, int, list[int]] | None
+    cgroup: str | None
+    argv: list[str]
+
+
+def _parse(args: list[str]) -> _Args:
     if "--" not in args:
         raise SystemExit(_USAGE)
     sep = args.index("--")
     head, argv = args[:sep], args[sep + 1 :]
     if not argv:
         raise SystemExit("exitcode.py: no command after --")
-    user = None
-    if len(head) == 8 and head[4] == "--user":
-        user = (int(head[5]), int(head[6]), [int(g) for g in head[7].split(",") if g])
-    elif len(head) != 4:
+    if len(head) < 4:
         raise SystemExit(_USAGE)
-    return Path(head[0]), int(head[1]), int(head[2]), head[3], user, argv
+    options = head[4:]
+    user = cgroup = None
+    while options:
+        if options[0] == "--user" and user is None and len(options) >= 4:
+            user = (int(options[1]), int(options[2]), [int(g) for g in options[3].split(",") if g])
+            options = options[4:]
+        elif options[0] == "--cgroup" and cgroup is None and len(options) >= 2:
+            cgroup, options = options[1], options[2:]
+        else:
+            raise SystemExit(_USAGE)
+    return _Args(Path(head[0]), int(head[1]), int(head[2]), head[3], user, cgroup, argv)
 
 
 def _read_env(fd: int) -> dict[str, str]:
@@ -159,14 +180,29 @@ def _child_failed(report_fd: int, exc: OSError, what: str) -> NoReturn:
     os._exit(START_FAILED)
 
 
-def _become_job(user: tuple[int, int, list[int]] | None, workdir: str, report_fd: int) -> None:
-    """Run in the child before exec: the job's OOM score, then the job's ids, then its workdir.
+def _join(cgroup: str) -> None:
+    """Move this process (the job-to-be) into the job's cgroup. A refusal does not stop the
+    job: it is then tracked by its process tree alone, and its log says so."""
+    try:
+        fd = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        os.write(2, f"gpuguard: cannot join cgroup {cgroup}: {exc.strerror}; tracking the job by its process tree\n".encode())
 
-    The score comes first: once the ids are dropped the child cannot write its
-    /proc files until it execs. Written with CAP_SYS_RESOURCE it also becomes
-    the floor the job cannot lower its score below. The workdir is entered as
-    the job's user.
+
+def _become_job(user: tuple[int, int, list[int]] | None, workdir: str, report_fd: int, cgroup: str | None) -> None:
+    """Run in the child before exec: the job's cgroup and OOM score, then the job's ids, then its workdir.
+
+    The cgroup and the score come first: once the ids are dropped the child
+    can write neither cgroup.procs nor its /proc files until it execs. Written
+    with CAP_SYS_RESOURCE the score also becomes the floor the job cannot lower
+    its score below. The workdir is entered as the job's user.
     """
+    if cgroup is not None:
+        _join(cgroup)
     try:
         fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
         try:
@@ -202,23 +238,25 @@ def _exit_like(returncode: int) -> None:
 
 
 def main(args: list[str]) -> None:
-    status_path, env_fd, report_fd, workdir, user, argv = _parse(args)
-    env = {**_read_env(env_fd), MARKER: str(os.getpid())}
-    os.set_inheritable(report_fd, False)  # the job's exec closes it: that is how spawn() learns it started
+    a = _parse(args)
+    env = {**_read_env(a.env_fd), MARKER: str(os.getpid())}
+    os.set_inheritable(a.report_fd, False)  # the job's exec closes it: that is how spawn() learns it started
     forward = _Forwarder()
     for sig in FORWARDED:
         signal.signal(sig, forward)
-    umask = -1 if user is None else 0o022
+    umask = -1 if a.user is None else 0o022
     try:
-        child = subprocess.Popen(argv, env=env, umask=umask, preexec_fn=lambda: _become_job(user, workdir, report_fd))
+        child = subprocess.Popen(
+            a.argv, env=env, umask=umask, preexec_fn=lambda: _become_job(a.user, a.workdir, a.report_fd, a.cgroup)
+        )
     except OSError as exc:  # exec failed in the child, as the job's user
-        _report(report_fd, exc.errno or 0, f"command {argv[0]!r}: {exc.strerror}")
-        write_status(status_path, START_FAILED)
+        _report(a.report_fd, exc.errno or 0, f"command {a.argv[0]!r}: {exc.strerror}")
+        write_status(a.status_path, START_FAILED)
         sys.exit(START_FAILED)
-    os.close(report_fd)
+    os.close(a.report_fd)
     forward.started(child)
     returncode = child.wait()
-    write_status(status_path, returncode)
+    write_status(a.status_path, returncode)
     _exit_like(returncode)
 
 

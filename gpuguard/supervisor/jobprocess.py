@@ -8,7 +8,11 @@ found through parent links; those orphaned when an intermediate parent dies
 are found because every pid ever seen in the tree is remembered (call
 `tree()` every monitor tick), and, when the daemon is a child subreaper
 (`pids.become_subreaper()`), by the wrapper's pid that the wrapper puts into
-the job's environment (`exitcode.MARKER`).
+the job's environment (`exitcode.MARKER`). A job with its own cgroup
+(`cgroup.JobCgroup`) has every member of that cgroup counted as its own too,
+so a process that left the session and was reparented away is still found,
+also by a daemon that adopted the job after a restart; the kill phase kills
+the whole cgroup as well.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Literal
 import psutil
 
 from gpuguard.supervisor import exitcode, foreign, pids
+from gpuguard.supervisor.cgroup import JobCgroup, find
 
 _POLL_S = 0.02  # how often stop() looks whether the tree is gone
 _KILL_WAIT_S = 2.0  # after SIGKILL: how long until a process counts as a survivor
@@ -56,8 +61,10 @@ class JobProcess:
         status_path: Path,
         *,
         popen: subprocess.Popen[bytes] | None = None,
+        cgroup: JobCgroup | None = None,
     ) -> None:
         self.pid = pid
+        self.cgroup = cgroup  # where every descendant of the job lives; None: the process tree alone
         self.start_time = start_time  # psutil create_time: (pid, start_time) is the identity
         self.status_path = status_path
         self._popen = popen  # set only when the process is our own child
@@ -101,6 +108,8 @@ class JobProcess:
     def _mark_gone(self) -> None:
         self._gone = True
         self.close()
+        if self.cgroup is not None:
+            self.cgroup.remove()  # only once it is empty: processes the job left keep it
 
     def alive(self) -> bool:
         """True while the main process runs (a zombie or a reused pid is not alive)."""
@@ -175,6 +184,8 @@ class JobProcess:
             roots |= {
                 pid for pid, st in table.items() if st.ppid == me and pid != self.pid and pids.marked(pid) == self.pid
             }
+        if self.cgroup is not None:  # everything the job forked, whichever session or parent it has now
+            roots |= {pid for pid in self.cgroup.pids() if pid in table}
         children: dict[int, list[int]] = {}
         for pid, st in table.items():
             children.setdefault(st.ppid, []).append(pid)
@@ -302,9 +313,12 @@ class JobProcess:
         return True
 
     def _kill(self) -> list[int]:
-        """SIGKILL the descendants first, give the wrapper a moment to record how its child died, then it."""
+        """SIGKILL the descendants and the job's cgroup (the wrapper is not in it) first, give the
+        wrapper a moment to record how its child died, then it."""
         tree = self._tree_ids().items()
         killed = [pid for pid, ct in tree if pid != self.pid and pids.signal_verified(pid, ct, signal.SIGKILL)]
+        if self.cgroup is not None:
+            killed += [pid for pid in self.cgroup.kill() if pid not in killed]
         self._wait_gone(_WRAPPER_WAIT_S)
         if self.alive() and self.signal_main(signal.SIGKILL):
             killed.append(self.pid)
@@ -353,14 +367,17 @@ class JobProcess:
                 if phase is None and not self.alive():
                     phase = "kill"
         survivors = tuple(self._tree_ids())
+        if not survivors and self.cgroup is not None:
+            self.cgroup.remove()
         return StopResult(self.exit_status(), phase, tuple(killed), survivors)
 
 
-def adopt(pid: int, start_time: float, *, status_path: Path) -> JobProcess | None:
+def adopt(pid: int, start_time: float, *, status_path: Path, job_name: str | None = None) -> JobProcess | None:
     """Find a job again after a daemon restart; None when that process is gone (or the pid reused).
 
-    For a job that ended while no daemon ran, `exitcode.read_status(status_path)`
-    still tells how.
+    With job_name, the cgroup spawn() made for that job is found again, and
+    with it the processes that left the job's tree. For a job that ended while
+    no daemon ran, `exitcode.read_status(status_path)` still tells how.
     """
-    job = JobProcess(pid, start_time, status_path)
+    job = JobProcess(pid, start_time, status_path, cgroup=find(job_name, status_path) if job_name else None)
     return job if job.alive() else None

@@ -11,6 +11,7 @@ import ctypes
 import functools
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -56,8 +57,14 @@ def same_process(pid: int, created: float) -> bool:
 
 def signal_verified(pid: int, created: float, sig: int) -> bool:
     """Signal pid only if it is still the same process; by pidfd so the check cannot race."""
+    return signal_checked(pid, sig, lambda: same_process(pid, created))
+
+
+def signal_checked(pid: int, sig: int, check: Callable[[], bool]) -> bool:
+    """Signal pid only if check() holds for it; where pidfds exist, check() runs after one is
+    open, so it is about the very process that gets the signal."""
     if not pidfd_supported():
-        if not same_process(pid, created):
+        if not check():
             return False
         try:
             os.kill(pid, sig)
@@ -69,7 +76,7 @@ def signal_verified(pid: int, created: float, sig: int) -> bool:
     except ProcessLookupError:
         return False
     try:
-        if not same_process(pid, created):  # checked after opening: the fd pins this very process
+        if not check():  # checked after opening: the fd pins this very process
             return False
         signal.pidfd_send_signal(fd, sig)
         return True

@@ -14,6 +14,11 @@ and paths only root may reach are only ever used with the job's own ids.
 Whether the job got as far as exec comes back on a pipe: a missing command or
 a workdir its user cannot enter fails here, in the caller, with the reason.
 
+Given the job's name, spawn() also makes the job's own cgroup v2 (`cgroup`),
+which the wrapper's child joins before exec, so every process the job forks
+stays findable, across daemon restarts too; without a usable cgroup v2 the job
+is tracked by its process tree alone.
+
 A running job's tree and its stop sequence live in `jobprocess`, identity
 checks in `pids`; the names the rest of the daemon uses are re-exported here.
 """
@@ -35,7 +40,7 @@ from pathlib import Path
 
 import psutil
 
-from gpuguard.supervisor import exitcode
+from gpuguard.supervisor import cgroup, exitcode
 from gpuguard.supervisor.jobprocess import JobProcess, StopResult, adopt
 from gpuguard.supervisor.pids import become_subreaper
 
@@ -178,6 +183,7 @@ def spawn(
     user: UserSpec | None,
     log_path: Path,
     status_path: Path | None = None,
+    job_name: str | None = None,
 ) -> JobProcess:
     """Start argv (no shell) under the exit-status wrapper, in a new session, detached from the daemon.
 
@@ -186,7 +192,8 @@ def spawn(
     those ids; that needs root unless user is the daemon's own uid. Raises
     OSError when the job cannot start (command not found or not executable,
     cwd not enterable, as the job's user) and ValueError for an unusable
-    argv or env.
+    argv or env. With job_name the job runs in its own cgroup where one can
+    be made (adopt() finds it again by the same name and status_path).
     """
     if not argv:
         raise ValueError("empty command")
@@ -196,6 +203,31 @@ def spawn(
     status_path = status_path or default_status_path(log_path)
     status_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-I", "-S", os.path.abspath(exitcode.__file__), str(status_path.absolute())]
+    group = cgroup.create(job_name, status_path) if job_name is not None else None
+    try:
+        popen = _start(cmd, argv, env=env, cwd=cwd, user=user if drop else None, log_path=log_path, group=group)
+    except BaseException:
+        if group is not None:
+            group.remove()
+        raise
+    # Our own unreaped child: its pid cannot have been reused yet.
+    return JobProcess(popen.pid, psutil.Process(popen.pid).create_time(), status_path, popen=popen, cgroup=group)
+
+
+def _start(
+    cmd: list[str],
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: Path,
+    user: UserSpec | None,
+    log_path: Path,
+    group: cgroup.JobCgroup | None,
+) -> subprocess.Popen[bytes]:
+    """Run the wrapper (cmd, completed here) and wait to hear that the job exec'd; OSError with its reason if not.
+
+    user: the ids the job's process takes (None: it keeps the wrapper's); group: the cgroup it joins.
+    """
     with contextlib.ExitStack() as fds:
         report_r, report_w = os.pipe()
         fds.callback(os.close, report_r)
@@ -204,9 +236,10 @@ def spawn(
             env_fd = _env_memfd(env)
             handed.callback(os.close, env_fd)
             cmd += [str(env_fd), str(report_w), str(cwd.absolute())]
-            if drop:
-                assert user is not None
+            if user is not None:
                 cmd += ["--user", str(user.uid), str(user.gid), ",".join(map(str, user.groups))]
+            if group is not None:
+                cmd += ["--cgroup", str(group.path)]
             cmd += ["--", *argv]
             log_fd = _open_log(log_path, user)
             handed.callback(os.close, log_fd)
@@ -225,5 +258,4 @@ def spawn(
     if failure is not None:
         _reap(popen)
         raise failure
-    # Our own unreaped child: its pid cannot have been reused yet.
-    return JobProcess(popen.pid, psutil.Process(popen.pid).create_time(), status_path, popen=popen)
+    return popen

@@ -126,7 +126,7 @@ class JobRunner:
             env = job_env(job, self.files, self.settings.checkpoint_signal, resume)
             proc = spawn(
                 list(job.spec.command), env=env, cwd=job.spec.workdir, user=job.spec.user,
-                log_path=self.files.log(job.name), status_path=self.files.status(job.name),
+                log_path=self.files.log(job.name), status_path=self.files.status(job.name), job_name=job.name,
             )
         except (OSError, ValueError) as exc:
             job.attempt.reason = f"cannot start: {exc}"

@@ -93,7 +93,7 @@ class Supervisor:
         if job.state not in ACTIVE or not a.pid or not a.start_time:
             return
         status = self.files.status(job.name)
-        proc = adopt(a.pid, a.start_time, status_path=status)
+        proc = adopt(a.pid, a.start_time, status_path=status, job_name=job.name)
         stopping = job.state in (JobState.CHECKPOINTING, JobState.STOPPING)
         if stopping and not a.after_stop:
             a.after_stop = "restart"  # a stop whose purpose was not saved: restart, never lose the job
