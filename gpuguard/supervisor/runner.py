@@ -34,6 +34,7 @@ log = structlog.get_logger("gpuguard.supervisor")
 TAIL_BYTES = 4096
 # the restart budgets, each counted and spent apart (status shows them as restarts_by_kind)
 CRASH, FAULT, REQUEST = "crash", "fault", "request"
+RESTART_KINDS = (CRASH, FAULT, REQUEST)
 RELEASE_WAIT_S = 30.0  # how long a restart waits for NVML to stop listing the old attempt on its GPUs
 _WHAT = {
     Reaction.RESTART_SAME: "restart on the same GPU",

@@ -32,7 +32,7 @@ from gpuguard.supervisor.jobspec import JobError
 from gpuguard.supervisor.policy import decide
 from gpuguard.supervisor.ports import Facts, Ports
 from gpuguard.supervisor.process import StopResult, adopt, become_subreaper
-from gpuguard.supervisor.runner import JobRunner
+from gpuguard.supervisor.runner import RESTART_KINDS, JobRunner
 from gpuguard.supervisor.snapshots import SnapshotCorrupt, SnapshotRing
 from gpuguard.supervisor.states import ACTIVE, FINAL, JobEvent, JobState
 
@@ -294,7 +294,7 @@ class Supervisor:
             "gpus": list(a.gpus) if job.state not in FINAL else [],
             "attempt": a.number,
             "restarts": a.restarts,
-            "restarts_by_kind": {kind: a.restarts_by.get(kind, 0) for kind in ("crash", "fault", "request")},
+            "restarts_by_kind": {kind: a.restarts_by.get(kind, 0) for kind in RESTART_KINDS},
             "pid": a.pid if job.rt.proc is not None else None,
             "checkpoint": a.resume_pin or (str(newest.path) if newest else None),
             "checkpoint_path": str(job.checkpoint) if job.checkpoint else None,
