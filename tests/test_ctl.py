@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -16,9 +17,20 @@ from gpuguard import config as config_module
 from gpuguard.ctl import SESSION_ENV, main
 
 
+class Fake(FakeController):
+    """The shared fake, with `events` as the Controller protocol has it now."""
+
+    def events(  # type: ignore[override]
+        self, limit: int, gpu: str | None, job: str | None, *, since_id: int | None = None, since_ts: float | None = None
+    ) -> list[dict[str, Any]]:
+        self._record("events", limit, gpu, job, since_id, since_ts)
+        out = [e for e in self.events_list if job is None or e["job"] == job]
+        return out[-limit:] if limit else []
+
+
 @pytest.fixture
 def fake() -> FakeController:
-    return FakeController()
+    return Fake()
 
 
 @pytest.fixture
@@ -59,9 +71,14 @@ def test_events(sock: Path, fake: FakeController, capsys: pytest.CaptureFixture[
     assert header.split() == ["TIME", "SEVERITY", "KIND", "GPU", "JOB", "MESSAGE"]
     assert first.split()[:5] == ["2025-01-01T00:00:00Z", "info", "job_started", "-", "train"]
     assert second.split()[:4] == ["2025-01-01T00:01:00Z", "critical", "xid", "GPU-9f8e7d6c"]
+    assert fake.calls[-1][:2] == ("events", (100, None, None, None, None))  # the newest 100 by default
+    assert ctl(capsys, "--socket", str(sock), "events", "--since", "41")[0] == 0
+    assert fake.calls[-1][:2] == ("events", (100, None, None, 41, None))
+    assert ctl(capsys, "--socket", str(sock), "events", "--since", "2025-01-31T12:00:00Z")[0] == 0
+    assert fake.calls[-1][:2] == ("events", (100, None, None, None, 1738324800.0))
     code, out, _ = ctl(capsys, "--socket", str(sock), "events", "--json", "--limit", "1", "--gpu", "1", "--job", "x")
     assert code == 0 and isinstance(json.loads(out), list)
-    assert fake.calls[-1][:2] == ("events", (1, "1", "x"))
+    assert fake.calls[-1][:2] == ("events", (1, "1", "x", None, None))
     code, _, err = ctl(capsys, "--socket", str(sock), "events", "--limit", "-1")
     assert code == 2 and "--limit must be 0 or more" in err
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import grp
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, ClassVar, Protocol
 
 from gpuguard.control import validation
@@ -53,7 +54,12 @@ class Controller(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
-    def events(self, limit: int | None, gpu: str | None, job: str | None) -> list[dict[str, Any]]: ...
+    def events(
+        self, limit: int, gpu: str | None, job: str | None, *, since_id: int | None = None, since_ts: float | None = None
+    ) -> list[dict[str, Any]]:
+        """The newest `limit` matching events after event `since_id` and at
+        or after `since_ts` (seconds since the epoch), ordered by time."""
+        ...
 
     def check(self) -> dict[str, Any]: ...
 
@@ -154,15 +160,20 @@ class Status(Command):
 
 class Events(Command):
     name = "events"
-    help = "the event history, newest last"
+    help = "the event history, oldest first, newest last"
     args = (
-        Arg("limit", int, maximum=MAX_EVENTS),
+        Arg("limit", int, maximum=MAX_EVENTS, default=MAX_EVENTS),
         Arg("gpu", str, valid=validation.gpu),
         Arg("job", str, valid=validation.job_name),
+        Arg("since_id", int, maximum=2**63 - 1),
+        Arg("since", str, valid=validation.iso_time),
     )
 
     def execute(self, controller: Controller, args: dict[str, Any], peer: PeerCred) -> Any:
-        return controller.events(args["limit"], args["gpu"], args["job"])
+        since_ts = datetime.fromisoformat(args["since"]).timestamp() if args["since"] else None
+        # the filters go only when asked for: a controller of the plain query still answers it
+        since: dict[str, Any] = {k: v for k, v in (("since_id", args["since_id"]), ("since_ts", since_ts)) if v is not None}
+        return controller.events(args["limit"], args["gpu"], args["job"], **since)
 
 
 class Check(Command):

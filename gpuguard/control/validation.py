@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from gpuguard.contract import valid_job_name
@@ -62,6 +63,18 @@ def one_line(value: str) -> str | None:
     if len(value) > MAX_LINE_CHARS:
         return f"must be at most {MAX_LINE_CHARS} characters"
     return "must be one line without control characters" if _CONTROL.search(value) else None
+
+
+def iso_time(value: str) -> str | None:
+    """An ISO-8601 time with its UTC offset: without one, client and daemon
+    might read it in different zones."""
+    try:
+        when = datetime.fromisoformat(value) if len(value) <= 64 else None
+    except ValueError:
+        when = None
+    if when is None:
+        return "must be an ISO-8601 time, e.g. 2025-01-31T12:00:00Z"
+    return None if when.tzinfo is not None else "must be an ISO-8601 time with a UTC offset (Z or +HH:MM)"
 
 
 def path(absolute: bool) -> Validator:

@@ -4,6 +4,7 @@ gpuguard.control.commands), on top of `Daemon`."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,11 +47,18 @@ class DaemonController:
     def status(self) -> dict[str, Any]:
         return self.daemon.status()
 
-    def events(self, limit: int | None, gpu: str | None, job: str | None) -> list[dict[str, Any]]:
+    def events(
+        self, limit: int, gpu: str | None, job: str | None, *, since_id: int | None = None, since_ts: float | None = None
+    ) -> list[dict[str, Any]]:
+        """The newest `limit` in store order, then filtered and ordered by
+        time: an event's ts is when it was observed, which may precede that
+        of an event stored before it."""
         uuid = self._gpu(gpu).uuid if gpu is not None else None
-        if limit is not None and limit < 0:
-            raise CommandError("--limit must be 0 or more", code="bad_request")
-        return [e.to_json() for e in self.daemon.store.events(limit=limit, gpu=uuid, job=job)]
+        found = self.daemon.store.events(limit=limit, gpu=uuid, job=job, since_id=since_id)
+        if since_ts is not None:
+            found = [e for e in found if e.ts >= since_ts]
+        found.sort(key=lambda e: (e.ts, math.inf if e.id is None else e.id))  # not yet on disk: last of its time
+        return [e.to_json() for e in found]
 
     def check(self) -> dict[str, Any]:
         gpus = self.daemon.gpu_status()

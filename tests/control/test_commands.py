@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from gpuguard.control.commands import COMMANDS, CommandError, PeerCred, dispatch
+from gpuguard.control.commands import COMMANDS, MAX_EVENTS, CommandError, PeerCred, dispatch
 from gpuguard.control.protocol import ProtocolError, Request
 
 from . import FakeController
@@ -27,6 +27,23 @@ def test_reading_commands_are_for_anyone() -> None:
     fake = FakeController()
     assert dispatch(fake, Request("events", {"limit": 1, "job": "train"}), USER, admin_gid=999)[0]["job"] == "train"
     assert fake.calls == [("events", (1, None, "train"), None)]
+
+
+class EventsFake(FakeController):
+    """The shared fake, with the filters `events` passes when asked for."""
+
+    def events(  # type: ignore[override]
+        self, limit: int, gpu: str | None, job: str | None, *, since_id: int | None = None, since_ts: float | None = None
+    ) -> list[dict[str, Any]]:
+        self._record("events", limit, gpu, job, since_id, since_ts)
+        return []
+
+
+def test_events_defaults_to_a_bounded_limit_and_reads_since_as_utc() -> None:
+    fake = EventsFake()
+    dispatch(fake, Request("events"), USER, admin_gid=None)
+    dispatch(fake, Request("events", {"since_id": 41, "since": "2025-01-31T13:00:00+01:00"}), USER, admin_gid=None)
+    assert [c[1] for c in fake.calls] == [(MAX_EVENTS, None, None, None, None), (MAX_EVENTS, None, None, 41, 1738324800.0)]
 
 
 def test_changing_commands_need_root_or_the_admin_group() -> None:
@@ -55,7 +72,11 @@ def test_unknown_command() -> None:
         ("events", {"limit": "5"}, "'limit' must be an integer"),
         ("events", {"limit": True}, "'limit' must be an integer"),
         ("events", {"limit": -1}, "'limit' must be between 0 and 100000"),
-        ("events", {"since": 3}, "unknown argument"),
+        ("events", {"until": 3}, "unknown argument"),
+        ("events", {"since": 3}, "'since' must be a string"),
+        ("events", {"since": "yesterday"}, "'since' must be an ISO-8601 time"),
+        ("events", {"since": "2025-01-31T12:00:00"}, "with a UTC offset"),
+        ("events", {"since_id": -1}, "'since_id' must be between 0 and"),
         ("exclude", {}, "'gpu' is required"),
         ("exclude", {"gpu": 0}, "'gpu' must be a string"),
         ("run", {"name": "x", "command": []}, "'command' must not be empty"),
