@@ -12,9 +12,11 @@ gpuguard-yolo), in a throw-away directory, and every time printed is measured.
 from __future__ import annotations
 
 import argparse
+import codecs
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,6 +29,8 @@ from typing import Any
 BIN = Path(sys.executable).parent
 EPOCHS = 4
 TRAIN_IMAGES = 96  # 12 batches of 8: an epoch lasts long enough for the fault to land inside one
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+LINE_MAX = 160  # the trainer's settings line alone runs to thousands of characters
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +49,30 @@ def _ts(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
+class LogTail:
+    """The lines a growing file gained since the last call: the trainer's output
+    (progress bars update with \\r, so \\r ends a line too; colours dropped)."""
+
+    def __init__(self, path: Path, prefix: str) -> None:
+        self.path = path
+        self.prefix = prefix
+        self._offset = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._partial = ""  # text after the last line end
+
+    def new_lines(self) -> list[str]:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:  # the job has not started yet
+            return []
+        self._offset += len(data)
+        *done, self._partial = re.split(r"[\r\n]", self._partial + self._decoder.decode(data))
+        lines = (ANSI.sub("", segment).rstrip() for segment in done)
+        return [self.prefix + (s if len(s) <= LINE_MAX else s[: LINE_MAX - 1] + "…") for s in lines if s.strip()]
+
+
 class Demo:
     def __init__(self, tmp: Path, epochs: int) -> None:
         self.tmp = tmp
@@ -57,6 +85,7 @@ class Demo:
             "[monitor]\npoll_interval_s = 0.5\nnvml_timeout_s = 0.5\n"
             "[jobs]\ncheckpoint_grace_s = 30\nstop_timeout_s = 10\n"
         )
+        self.trainer = LogTail(tmp / "state" / "jobs" / "yolo" / "output.log", "   [yolo] ")
 
     # --- helpers -------------------------------------------------------
     def ctl(self, *args: str, show: bool = True) -> subprocess.CompletedProcess[str]:
@@ -76,9 +105,12 @@ class Demo:
         return json.loads(self.ctl(*args, show=False).stdout)
 
     def wait(self, predicate: Callable[[], Any], what: str, timeout_s: float = 180.0) -> Any:
+        """Poll until predicate() holds, printing the trainer's new lines meanwhile."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             value = predicate()
+            for line in self.trainer.new_lines():
+                print(line, flush=True)
             if value:
                 return value
             time.sleep(0.05)

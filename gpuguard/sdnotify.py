@@ -1,4 +1,4 @@
-"""sd_notify(3) in the stdlib: READY, STATUS, WATCHDOG and STOPPING for systemd.
+"""sd_notify(3) in the stdlib: READY, STATUS, RELOADING, WATCHDOG and STOPPING for systemd.
 
 Follows systemd's notify-selfcontained-example.py. A no-op outside systemd.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 
 def notify(message: str) -> bool:
@@ -25,6 +26,12 @@ def notify(message: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def reloading() -> bool:
+    """Tell systemd a reload began (RELOADING=1 with its CLOCK_MONOTONIC time in µs,
+    as Type=notify-reload wants); READY=1 must follow once it is done."""
+    return notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
 
 
 def watchdog_interval_s() -> float | None:

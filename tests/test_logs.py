@@ -73,13 +73,13 @@ def test_exceptions_are_rendered_into_the_line(stream: TextIO) -> None:
 
 
 def test_journal_stream_prefixes_each_line_with_its_priority(
-    stream: TextIO, monkeypatch: pytest.MonkeyPatch
+    stream: TextIO, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """Without journald's native socket (tests/test_journal_native.py has it)."""
     st = os.fstat(stream.fileno())
     monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
-    monkeypatch.setattr(logs, "_journal_send", lambda: None)  # as without python-systemd
     assert logs.under_journald(stream)
-    logs.configure("debug", "auto", stream)
+    logs.configure("debug", "auto", stream, journal_socket=tmp_path / "no-journald")
     log = structlog.get_logger("gpuguard.test")
     log.critical("c")
     log.error("e")
@@ -130,19 +130,3 @@ def test_malformed_journal_stream_is_not_journald(stream: TextIO, monkeypatch: p
 )
 def test_priority(level: int, prio: int) -> None:
     assert logs.priority(level) == prio
-
-
-def test_journal_handler_sends_fields(stream: TextIO, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With python-systemd, records go to journal.send with gpuguard's fields."""
-    sent: list[tuple[str, dict[str, str]]] = []
-    st = os.fstat(stream.fileno())
-    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
-    monkeypatch.setattr(logs, "_journal_send", lambda: lambda msg, **fields: sent.append((msg, fields)))
-    logs.configure("info", "json", stream)
-    structlog.get_logger("gpuguard.test").error("xid", gpu_uuid="GPU-1", xid=79, pci_bus_id=None)
-    (message, fields), = sent
-    assert json.loads(message)["event"] == "xid"
-    assert fields["PRIORITY"] == "3" and fields["SYSLOG_IDENTIFIER"] == "gpuguardd"
-    assert (fields["GPU_UUID"], fields["XID"]) == ("GPU-1", "79")
-    assert "PCI_BUS_ID" not in fields
-    assert lines(stream) == []

@@ -36,6 +36,14 @@ def test_notify_sends_the_exact_datagram(notify_socket: socket.socket) -> None:
     assert notify_socket.recv(4096) == b"WATCHDOG=1"
 
 
+def test_reloading_carries_the_monotonic_clock_in_microseconds(notify_socket: socket.socket) -> None:
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert sdnotify.reloading()
+    name, _, usec = notify_socket.recv(4096).decode().partition("\nMONOTONIC_USEC=")
+    assert name == "RELOADING=1"
+    assert before <= int(usec) <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
 def test_notify_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     name = f"gpuguard-test-{os.getpid()}-{time.monotonic_ns()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:

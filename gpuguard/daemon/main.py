@@ -131,6 +131,8 @@ def run(
         kernel_log,
         reload_config=lambda: with_overrides(load(config_path), state_dir=state_dir, socket=socket_path),
     )
+    # before start-up, which may take a while: a SIGHUP's default action would end the daemon
+    signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
     daemon.start()
     gid = admin_gid(config.daemon.admin_group)
     server = ControlServer(
@@ -144,7 +146,6 @@ def run(
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
     log.info(
         "ready",
         version=__version__,

@@ -313,22 +313,25 @@ class Daemon:
         self.queue.put(_Reload())
 
     def reload(self) -> None:
-        """Apply a new config's live keys; log the keys that need a restart."""
-        if self._reload_config is None:
-            return
+        """Apply a new config's live keys; log the keys that need a restart.
+        systemd hears RELOADING=1 first and READY=1 once done, even when the new
+        config was refused (the daemon runs on with the old one)."""
+        sdnotify.reloading()
         try:
-            new = self._reload_config()
+            new = self._reload_config() if self._reload_config is not None else None
         except Exception as exc:  # a bad edit must not stop a running daemon
             log.error("config_reload_failed", error=str(exc))
-            return
-        merged, ignored = merge_reload(self.config, new)
-        with self.lock:
-            self.config = merged
-            if self.monitor is not None:
-                self.monitor.config = new.health
-            self.hooks.config = new.hooks
-        logging.getLogger().setLevel(new.daemon.log_level.upper())
-        log.info("config_reloaded", source=str(new.source), needs_restart=ignored or None)
+            new = None
+        if new is not None:
+            merged, ignored = merge_reload(self.config, new)
+            with self.lock:
+                self.config = merged
+                if self.monitor is not None:
+                    self.monitor.config = new.health
+                self.hooks.config = new.hooks
+            logging.getLogger().setLevel(new.daemon.log_level.upper())
+            log.info("config_reloaded", source=str(new.source), needs_restart=ignored or None)
+        sdnotify.notify("READY=1")
 
     def xid_counts(self) -> dict[tuple[str, int], int]:
         """Xids seen per (GPU, code) since the daemon started, for the metrics."""
