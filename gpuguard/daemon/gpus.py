@@ -330,6 +330,9 @@ class Pool:
             if entry is None or entry.by != BY_GPUGUARD:
                 del self.probation[uuid]  # an operator took over
                 continue
+            snap = self.monitor.tracks[uuid].snapshot
+            if snap is None or snap.timestamp < until - self._config().reset.probation_s:
+                continue  # judged only on a sample taken since probation began, never on one from before the reset
             if verdict is not None and verdict.state != GpuState.HEALTHY:
                 del self.probation[uuid]
                 self._record(

@@ -71,8 +71,8 @@ class Supervisor:
         for rec in self.ports.records.jobs():
             try:
                 job = Job.from_record(rec)
-            except (KeyError, TypeError, ValueError) as exc:
-                log.error("job_record_unreadable", record=str(rec)[:300], error=str(exc))
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a record of any shape
+                log.error("job_record_unreadable", record=str(rec)[:300], error=f"{type(exc).__name__}: {exc}")
                 continue
             self.jobs[job.name] = job
         # every job is known before any is restarted: a job that ended while no

@@ -85,8 +85,16 @@ def test_same_source_burst_counts_once_but_5s_apart_counts_twice(monitor: Monito
 
 
 def test_different_xids_at_once_are_separate(monitor: Monitor) -> None:
-    assert monitor.observe_xid(xid(13)) is not None
-    assert monitor.observe_xid(xid(31)) is not None
+    first, second = monitor.observe_xid(xid(13)), monitor.observe_xid(xid(31))
+    assert first is not None and second is not None
+    assert [(e.kind, e.gpu, e.xid, e.ts, e.data["action"]) for e in (first, second)] == [
+        ("xid", GPU1.uuid, 13, T0, Action.RESTART_APP.value),
+        ("xid", GPU1.uuid, 31, T0, Action.RESTART_APP.value),
+    ]
+    assert [x.xid for x in monitor.tracks[GPU1.uuid].xids] == [13, 31]
+    assert monitor.evaluate(T0 + 1) == []  # each was reported once, as it came
+    findings = monitor.verdict(GPU1.uuid).findings  # type: ignore[union-attr]
+    assert sorted(f.xid for f in findings if f.xid is not None) == [13, 31]
 
 
 def test_xid_of_unknown_pci_id_is_ignored(monitor: Monitor) -> None:

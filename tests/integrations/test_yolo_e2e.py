@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -25,17 +26,51 @@ def test_demo_recovers_from_xid_79_and_completes_every_epoch(tmp_path: Path, cap
     assert demo.main(["--keep", str(tmp_path), "--epochs", "3"]) == 0
     out = capsys.readouterr().out
     assert "resuming from" in out and "completed every epoch" in out
+    # the training shown as it happens, before the first checkpoint and after the resume
+    waiting = out.index("waiting for the first epoch's checkpoint")
+    assert re.search(r"^   \[yolo\] +1/3 .*12/12", out[waiting:out.index("== 3. Xid 79")], re.MULTILINE)
+    assert re.search(r"^   \[yolo\] +3/3 .*12/12", out[out.index("== 3. Xid 79"):], re.MULTILINE)
     assert _epochs(tmp_path / "runs" / "demo" / "results.csv") == [1, 2, 3]
-    # the next attempt resumed from a checkpoint: it did not start from epoch 1 again
+    # the next attempt resumed from a snapshot of the checkpoint: it did not start from epoch 1 again
     log = (tmp_path / "state" / "jobs" / "yolo" / "output.log").read_text()
-    assert "Resuming training" in log or "resume" in log.lower()
+    resumed = re.search(r"gpuguard-yolo: resuming (\S+) from (\S+): (\d)/3 epochs done, attempt 2\n", log)
+    assert resumed is not None, log[-3000:]
+    save_dir, snapshot, done = Path(resumed[1]), Path(resumed[2]), int(resumed[3])
+    assert save_dir == (tmp_path / "runs" / "demo").resolve()
+    assert snapshot.is_relative_to((tmp_path / "state" / "snapshots" / "yolo").resolve())
+    if done >= 1:  # a whole epoch was saved: Ultralytics' own resume continues after it, from that snapshot
+        assert f"Resuming training {snapshot} from epoch {done + 1} to 3 total epochs" in log
     import torch
     from ultralytics import YOLO
 
+    from gpuguard.integrations.resume import read_resume_point
+
     for name in ("last.pt", "best.pt"):
         path = tmp_path / "runs" / "demo" / "weights" / name
-        torch.load(path, weights_only=False)
-        YOLO(str(path))
+        ckpt = torch.load(path, weights_only=False)
+        assert ckpt["train_args"]["epochs"] == 3 and ckpt["model"] is not None
+        assert ckpt["optimizer"] is None and ckpt["epoch"] == -1  # stripped by the final evaluation
+        assert read_resume_point(path).finished  # a later restart would have nothing to resume
+        model = YOLO(str(path))
+        assert model.task == "detect" and sum(p.numel() for p in model.model.parameters()) > 0
+
+
+def test_log_tail_gives_each_new_line_once(tmp_path: Path) -> None:
+    """Progress bars update with \\r; a line cut mid-write (or mid-character) waits for its end."""
+    log = tmp_path / "output.log"
+    tail = demo.LogTail(log, "[yolo] ")
+    assert tail.new_lines() == []  # the job has not started
+    data = "start\n\r\x1b[K  1/3 ━─ 1/12\r\x1b[K  1/3 ━━ 2/12\n\n" + "x" * 500 + "\ndone"
+    raw = data.encode()
+    cut = raw.index("━".encode()) + 1  # inside a UTF-8 character
+    log.write_bytes(raw[:cut])
+    assert tail.new_lines() == ["[yolo] start"]
+    with log.open("ab") as f:
+        f.write(raw[cut:])
+    assert tail.new_lines() == ["[yolo]   1/3 ━─ 1/12", "[yolo]   1/3 ━━ 2/12", "[yolo] " + "x" * 159 + "…"]
+    with log.open("ab") as f:
+        f.write(b"\n")
+    assert tail.new_lines() == ["[yolo] done"]
 
 
 def _trainer(job_pid: int) -> psutil.Process:

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import psutil
 
-from daemon.conftest import DaemonProc
+from daemon.conftest import DaemonProc, wait_until
 from gpuguard.store import EventStore
+
+from .test_supervisor_e2e import polls_after
 
 
 def test_restarted_job_waits_for_a_gpu_a_later_job_still_holds(tmp_path: Path) -> None:
@@ -40,13 +42,18 @@ def test_restarted_job_waits_for_a_gpu_a_later_job_still_holds(tmp_path: Path) -
         store.close()
         proc.start()
         try:
-            time.sleep(1.0)
+            wait_until(
+                lambda: {"job_adopted", "job_waiting"} <= {e["kind"] for e in json.loads(proc.ctl("events", "--json").stdout)},
+                10, "b adopted and a waiting",
+            )  # fmt: skip
+            polls_after(proc, time.time())  # ticks since then: none of them put "a" on b's GPU
             jobs = {j["name"]: j for j in proc.status()["jobs"]}
             assert jobs["b"]["state"] == "running" and jobs["b"]["gpus"] == [gpu1]
             assert jobs["a"]["state"] == "waiting", jobs["a"]
             assert gpu1 not in jobs["a"]["gpus"]
-            kinds = [e["kind"] for e in json.loads(proc.ctl("events", "--json").stdout)]
-            assert "job_adopted" in kinds and "job_waiting" in kinds
+            events = json.loads(proc.ctl("events", "--json").stdout)
+            assert [e["job"] for e in events if e["kind"] == "job_adopted"] == ["b"]
+            assert not [e for e in events if e["kind"] in ("job_started", "job_restarted") and e["job"] == "a"]
         finally:
             proc.ctl("stop", "a", check=False)
             proc.ctl("stop", "b", check=False)

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import time
 from pathlib import Path
 
 from daemon.conftest import DaemonProc, wait_until
+
+from .test_supervisor_e2e import polls_after
 
 JOB = """
 import os, pathlib, time
@@ -23,6 +24,14 @@ def _kinds(d: DaemonProc) -> list[str]:
     return [e["kind"] for e in json.loads(d.ctl("events", "--json", "--job", "j", "--limit", "200").stdout)]
 
 
+def _heartbeat(d: DaemonProc) -> float | None:
+    """When the job's heartbeat file was last touched (GPUGUARD_HEARTBEAT)."""
+    try:
+        return (d.socket.parent / "jobs" / "j" / "heartbeat").stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
 def test_sighup_changes_the_hang_limit_of_a_running_job_and_keeps_its_signal(tmp_path: Path) -> None:
     script = tmp_path / "job.py"
     script.write_text(JOB)
@@ -31,7 +40,8 @@ def test_sighup_changes_the_hang_limit_of_a_running_job_and_keeps_its_signal(tmp
     try:
         d.ctl("run", "--name", "j", "--workdir", str(tmp_path), "--", sys.executable, str(script))
         d.wait_for(lambda s: any(j["name"] == "j" and j["state"] == "running" for j in s["jobs"]), what="j running")
-        time.sleep(1.5)  # idle past the new limit already: only the old one holds it
+        beat = wait_until(lambda: _heartbeat(d), 10, "the job's one heartbeat")
+        polls_after(d, beat + 1.5, polls=2)  # the daemon looked at it idle past the new limit: only the old one holds it
         assert "hang" not in _kinds(d)
         text = d.config.read_text().replace("hang_timeout_s = 600.0", "hang_timeout_s = 1.0")
         d.config.write_text(text.replace("[jobs]\n", '[jobs]\ncheckpoint_signal = "SIGUSR2"\n'))
