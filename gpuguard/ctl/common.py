@@ -45,6 +45,9 @@ def pause(seconds: float) -> None:
         raise BrokenPipeError(f"stdout (fd {fd}) has no reader")
 
 
+SLOW_REPLY_S = {"reset": 600.0}  # commands whose reply waits for a slow action
+
+
 class Daemon:
     """The daemon behind one socket path."""
 
@@ -54,8 +57,9 @@ class Daemon:
         self._down_since: float | None = None
 
     def call(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
-        """One request; DaemonUnreachable or CommandFailed when it fails."""
-        return request(self.path, cmd, args or {})
+        """One request; DaemonUnreachable or CommandFailed when it fails. A reset answers
+        only when its command has run ([reset] timeout_s, 120 s by default)."""
+        return request(self.path, cmd, args or {}, timeout_s=SLOW_REPLY_S.get(cmd, 10.0))
 
     def poll(self, cmd: str, args: dict[str, Any] | None = None) -> Any | None:
         """One request of a loop: None while the daemon is away (said once on
