@@ -36,7 +36,7 @@ def run_reset_command(argv: Sequence[str], timeout_s: float) -> ResetResult:
     except FileNotFoundError:
         return ResetResult(False, f"reset command not found: {argv[0]}", tuple(argv))
     except subprocess.TimeoutExpired:
-        return ResetResult(False, f"reset command did not finish within {timeout_s:.0f}s", tuple(argv))
+        return ResetResult(False, f"reset command did not finish within {timeout_s:g}s", tuple(argv))
     except OSError as exc:
         return ResetResult(False, f"reset command failed to start: {exc}", tuple(argv))
     output = (proc.stdout + proc.stderr).strip().splitlines()
