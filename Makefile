@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo venv clean chaos bench
+.PHONY: test demo venv clean chaos bench dist install uninstall
 
 venv: $(STAMP)
 
@@ -12,7 +12,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,yolo]'
+	$(PY) -m pip install -e '.[dev,yolo]'  # not -q: torch takes minutes, pip shows its progress (a few lines a package)
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -31,6 +31,27 @@ bench: $(STAMP)
 	$(PY) bench/store_growth.py --write-docs
 	$(PY) bench/control_plane.py --write-docs
 	$(PY) bench/resume.py --write-docs
+
+# Install as a systemd service (docs/DEPLOY.md): `make dist`, then as root `make install`.
+# DESTDIR=/some/root installs under that root; INSTALL_ARGS and UNINSTALL_ARGS go to the scripts
+# (deploy/install.sh --help, deploy/uninstall.sh --purge).
+DIST_VENV := build/dist-venv
+
+# A wheel and an sdist in dist/, built by `build` in a venv of its own: no torch on a GPU box.
+dist: $(DIST_VENV)/.installed
+	rm -rf dist
+	$(DIST_VENV)/bin/python -m build --outdir dist .
+
+$(DIST_VENV)/.installed:
+	test -x $(DIST_VENV)/bin/python || $(PYTHON) -m venv $(DIST_VENV)
+	$(DIST_VENV)/bin/python -m pip install -q 'build==1.6.1'  # the pin of the dev extra
+	touch $@
+
+install:
+	DESTDIR='$(DESTDIR)' bash deploy/install.sh $(INSTALL_ARGS)
+
+uninstall:
+	DESTDIR='$(DESTDIR)' bash deploy/uninstall.sh $(UNINSTALL_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
