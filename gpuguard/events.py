@@ -51,6 +51,7 @@ class EventKind(enum.StrEnum):
     JOB_ADOPTED = "job_adopted"  # a new daemon found the job's process running
     JOB_STOPPING_DONE = "job_stopping_done"  # stopped for a restart
     JOB_STOP_INCOMPLETE = "job_stop_incomplete"  # processes survived SIGKILL
+    JOB_LEFTOVERS_STOPPED = "job_leftovers_stopped"  # an attempt ended, its stray processes were stopped
     GPU_NOT_RELEASED = "gpu_not_released"  # a restart started while NVML still listed the old attempt
     GPU_PROBATION_FAILED = "gpu_probation_failed"
     GPU_SUSPECT = "gpu_suspect"  # a job hung on it, no GPU-side evidence: avoided, not excluded

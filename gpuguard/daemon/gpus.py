@@ -26,7 +26,7 @@ from gpuguard.health.checks import nvml as nvml_check
 from gpuguard.health.types import UNHEALTHY_STATES, Action, GpuState, Severity
 from gpuguard.nvml.backend import Backend
 from gpuguard.nvml.types import GpuInfo
-from gpuguard.store import EventStore, QuarantineEntry
+from gpuguard.store import EventStore, QuarantineEntry, StoreError
 
 log = structlog.get_logger("gpuguard.daemon")
 
@@ -68,6 +68,7 @@ class Pool:
         self.resetting: set[str] = set()
         # the store is the memory; this copy keeps the hot path free of SQL
         self.excluded: dict[str, QuarantineEntry] = store.excluded()
+        self._unsaved: dict[str, QuarantineEntry | None] = {}  # quarantine changes the store has not taken yet
         # hang suspicion: a hang alone is no GPU-side evidence, so it never excludes
         self.suspects: dict[str, set[str]] = {}  # GPU uuid -> the jobs that hung on it
         self.hung_on: dict[str, set[str]] = {}  # job -> the GPUs it hung on
@@ -98,8 +99,7 @@ class Pool:
         if by == BY_GPUGUARD and uuid in self.excluded:
             return
         info = self.info(uuid)
-        self.store.exclude(uuid, reason, by=by)
-        self.excluded = self.store.excluded()
+        self._quarantine(uuid, QuarantineEntry(uuid, reason, by, time.time()))
         self._record(
             Event(
                 kind=EventKind.GPU_EXCLUDED, severity=Severity.WARNING, gpu=uuid,
@@ -113,8 +113,7 @@ class Pool:
         GPU's remembered Xids, hang suspicion and probation, so only what is
         reported from now on can fault it again."""
         info = self.info(uuid)
-        changed = self.store.include(uuid)
-        self.excluded = self.store.excluded()
+        changed = self._quarantine(uuid, None)
         if by != BY_GPUGUARD:
             with self.lock:
                 forgotten = bool(self.monitor.tracks[uuid].xids) or uuid in self.suspects or uuid in self.probation
@@ -133,6 +132,33 @@ class Pool:
                 )
             )
         return changed
+
+    def _quarantine(self, uuid: str, entry: QuarantineEntry | None) -> bool:
+        """Exclude (entry) or include (None) a GPU: in memory at once, so the decision
+        holds even when the store cannot save it (a full disk); saving is retried each
+        tick until it succeeds. True when the GPU's quarantine changed."""
+        changed = (uuid in self.excluded) if entry is None else True
+        excluded = dict(self.excluded)
+        if entry is None:
+            excluded.pop(uuid, None)
+        else:
+            excluded[uuid] = entry
+        self.excluded = excluded
+        self._unsaved[uuid] = entry
+        self._save_quarantine()
+        return changed
+
+    def _save_quarantine(self) -> None:
+        for uuid, entry in list(self._unsaved.items()):
+            try:
+                if entry is None:
+                    self.store.include(uuid)
+                else:
+                    self.store.exclude(uuid, entry.reason, by=entry.by, ts=entry.ts)
+            except StoreError as exc:
+                log.error("quarantine_not_saved", gpu_uuid=uuid, error=str(exc), detail="kept in memory; retried each tick")
+                return
+            del self._unsaved[uuid]
 
     def job_hung(self, job: str, uuids: Sequence[str]) -> None:
         """A job hung here. Without GPU-side evidence that makes the GPUs suspect, never
@@ -286,6 +312,8 @@ class Pool:
     def tick(self, now: float, jobs_on: JobsOn) -> None:
         """End probations that are over, lift suspicions a stable run disproved, run
         the node hooks when the unfit set changed."""
+        if self._unsaved:
+            self._save_quarantine()
         self._wedges(now)
         self._end_probations(now)
         self._end_suspicions(now, jobs_on)

@@ -372,6 +372,28 @@ class JobProcess:
         return StopResult(self.exit_status(), phase, tuple(killed), survivors)
 
 
+    def end_leftovers(self, term_timeout_s: float) -> tuple[int, ...]:
+        """After the main process ended on its own: what it left behind (children,
+        escapees in its cgroup) is stopped too, SIGTERM then SIGKILL, as systemd does
+        for a service's control group. Returns the pids that were left."""
+        left = tuple(pid for pid in self._tree_ids() if pid != self.pid)
+        if left:
+            self.stop(None, 0.0, term_timeout_s)
+        elif self.cgroup is not None:
+            self.cgroup.remove()
+        return left
+
+
+def kill_cgroup_of(job_name: str, status_path: Path) -> tuple[int, ...]:
+    """A job that ended while no daemon ran: kill what is left in its cgroup, remove it."""
+    group = find(job_name, status_path)
+    if group is None:
+        return ()
+    left = tuple(group.kill())
+    group.remove()
+    return left
+
+
 def adopt(pid: int, start_time: float, *, status_path: Path, job_name: str | None = None) -> JobProcess | None:
     """Find a job again after a daemon restart; None when that process is gone (or the pid reused).
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from pathlib import Path
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,3 +127,23 @@ def marked(pid: int) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+def wrappers_of(status_path: Path) -> list[tuple[int, float]]:
+    """(pid, create_time) of every exit-status wrapper running for this status file:
+    found by its command line, so a wrapper the job record never learned of (the
+    daemon died before saving it) is found too."""
+    want = os.fsencode(str(status_path.absolute()))
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if want in argv and any(arg.endswith(b"exitcode.py") for arg in argv[:4]):
+            ct = create_time(int(name))
+            if ct is not None:
+                found.append((int(name), ct))
+    return found

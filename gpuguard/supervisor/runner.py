@@ -26,6 +26,7 @@ from gpuguard.supervisor.job import Job
 from gpuguard.supervisor.placement import free_gpus, pick_gpus
 from gpuguard.supervisor.policy import Decision, Reaction, app_xid_key, backoff_s
 from gpuguard.supervisor.ports import Facts, GpuFacts, Ports, Settings
+from gpuguard.supervisor.jobprocess import kill_cgroup_of
 from gpuguard.supervisor.process import StopResult, spawn
 from gpuguard.supervisor.states import ACTIVE, FINAL, JobEvent, JobState, transition
 
@@ -35,6 +36,7 @@ TAIL_BYTES = 4096
 # the restart budgets, each counted and spent apart (status shows them as restarts_by_kind)
 CRASH, FAULT, REQUEST = "crash", "fault", "request"
 RESTART_KINDS = (CRASH, FAULT, REQUEST)
+LEFTOVER_TERM_S = 2.0  # SIGTERM to SIGKILL for what an ended attempt left behind (it runs in the tick)
 RELEASE_WAIT_S = 30.0  # how long a restart waits for NVML to stop listing the old attempt on its GPUs
 _WHAT = {
     Reaction.RESTART_SAME: "restart on the same GPU",
@@ -119,9 +121,16 @@ class JobRunner:
         if job.state == JobState.WAITING:
             job.attempt.state = transition(job.state, JobEvent.GPUS_FREE)
         job.rt.waiting_reported = False
+        previous = job.attempt.gpus
         job.attempt.gpus = gpus
-        resume = self.intake.resume_from(job)
         job.attempt.number += 1
+        if not self.persist(job):
+            # an attempt the record does not know could run twice after a daemon restart:
+            # none starts until its record is saved (a full disk); the next tick tries again
+            job.attempt.number -= 1
+            job.attempt.gpus = previous
+            return
+        resume = self.intake.resume_from(job)
         try:
             self.files.prepare(job)
             env = job_env(job, self.files, self.settings.checkpoint_signal, resume)
@@ -178,6 +187,20 @@ class JobRunner:
         if job.attempt.pid:
             for uuid in job.attempt.gpus:
                 self.ports.pool.occupied(uuid, job.attempt.pid)
+
+    def _end_leftovers(self, job: Job) -> None:
+        """Processes the ended attempt left behind must not run beside the next one (nor
+        share its cgroup): stopped before anything else happens, bounded by stop_timeout_s."""
+        if job.rt.proc is not None:
+            left = job.rt.proc.end_leftovers(min(self.settings.stop_timeout_s, LEFTOVER_TERM_S))
+        else:
+            left = kill_cgroup_of(job.name, self.files.status(job.name))
+        if left:
+            self.say(
+                job, EventKind.JOB_LEFTOVERS_STOPPED, Severity.WARNING,
+                f"job {job.name}: its main process ended but left {len(left)} process(es) behind "
+                f"(pids {', '.join(map(str, left[:10]))}); they were stopped",
+            )
 
     def _vacate(self, job: Job) -> None:
         if job.attempt.pid:
@@ -320,6 +343,7 @@ class JobRunner:
     def on_exit(self, job: Job, code: int | None, note: str | None) -> None:
         job.attempt.exit_code = code
         ran_s = time.time() - (job.attempt.started_at or time.time())
+        self._end_leftovers(job)
         self._vacate(job)
         self.intake.ingest(job)
         where = f" ({note})" if note else ""

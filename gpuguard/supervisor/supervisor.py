@@ -31,6 +31,8 @@ from gpuguard.supervisor.job import Job
 from gpuguard.supervisor.jobspec import JobError
 from gpuguard.supervisor.policy import decide
 from gpuguard.supervisor.ports import Facts, Ports
+from gpuguard.supervisor.jobprocess import kill_cgroup_of
+from gpuguard.supervisor.pids import wrappers_of
 from gpuguard.supervisor.process import StopResult, adopt, become_subreaper
 from gpuguard.supervisor.runner import RESTART_KINDS, JobRunner
 from gpuguard.supervisor.snapshots import SnapshotCorrupt, SnapshotRing
@@ -90,10 +92,12 @@ class Supervisor:
             return
         self.intake.watch(job)
         a = job.attempt
-        if job.state not in ACTIVE or not a.pid or not a.start_time:
-            return
         status = self.files.status(job.name)
+        if job.state not in ACTIVE or not a.pid or not a.start_time:
+            self._end_strays(job, keep=None)
+            return
         proc = adopt(a.pid, a.start_time, status_path=status, job_name=job.name)
+        self._end_strays(job, keep=a.pid if proc is not None else None)
         stopping = job.state in (JobState.CHECKPOINTING, JobState.STOPPING)
         if stopping and not a.after_stop:
             a.after_stop = "restart"  # a stop whose purpose was not saved: restart, never lose the job
@@ -119,6 +123,21 @@ class Supervisor:
         if job.state == JobState.STARTING:
             self.runner.move(job, JobEvent.ADOPTED)  # its process ran (it had a pid) and ended unseen
         self.runner.on_exit(job, code, "ended while gpuguardd was not running")
+
+    def _end_strays(self, job: Job, keep: int | None) -> None:
+        """An attempt the record does not know (a daemon killed between its spawn and its
+        save) must not run beside the one that will start now: its wrappers, and, when
+        no recorded attempt lives, the job's cgroup, are stopped."""
+        status = self.files.status(job.name)
+        strays = [(pid, ct) for pid, ct in wrappers_of(status) if pid != keep]
+        for pid, ct in strays:
+            stray = adopt(pid, ct, status_path=status)
+            if stray is not None:
+                stray.stop(None, 0.0, self.ports.settings().stop_timeout_s)
+        left = kill_cgroup_of(job.name, status) if keep is None else ()
+        if strays or left:
+            pids_text = ", ".join(str(pid) for pid in [p for p, _ in strays] + list(left))
+            self._say(job, EventKind.JOB_LEFTOVERS_STOPPED, Severity.WARNING, f"job {job.name}: processes of an attempt its record did not know were stopped (pids {pids_text})")
 
     def _add(self, job: Job) -> bool:
         self.jobs[job.name] = job

@@ -28,7 +28,7 @@ from gpuguard.nvml.backend import Backend
 from gpuguard.nvml.types import DriverInfo, GpuInfo, GpuProcess, GpuSnapshot, NvmlEvent
 from gpuguard.observations import XidObservation
 from gpuguard.sim.backend import SimulatedBackend
-from gpuguard.store import EventStore
+from gpuguard.store import EventStore, StoreError
 
 WAIT_S = 10.0  # generous: the reset worker is a thread on a loaded 2-core machine
 
@@ -473,3 +473,40 @@ def test_a_second_reset_of_a_gpu_is_refused_while_the_first_runs(real: tuple[Nod
     assert not first.is_alive() and [r.ok for r in results] == [True]
     assert n.pool.state(gpu1)[0] == GpuState.HEALTHY
     assert [e.data["ok"] for e in n.events(EventKind.GPU_RESET, gpu1)] == [True]  # the refusal is no reset event
+
+
+# --- a store that cannot save -------------------------------------------------------
+
+
+def test_an_exclusion_holds_when_the_store_cannot_save_it_and_is_saved_later(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk must not drop a fault decision (nor end the daemon): the quarantine holds
+    in memory at once, and the store gets it once it can."""
+    gpu1 = node.uuids[1]
+    real = node.store.exclude
+
+    def full(*args: Any, **kw: Any) -> None:
+        raise StoreError("database or disk is full")
+
+    monkeypatch.setattr(node.store, "exclude", full)
+    node.pool.exclude(gpu1, "Xid 95")
+    assert node.state(gpu1) == GpuState.EXCLUDED and gpu1 not in node.store.excluded()
+    node.step()  # still full: retried, no exception
+    monkeypatch.setattr(node.store, "exclude", real)
+    node.step()
+    assert node.store.excluded()[gpu1].reason == "Xid 95"
+
+
+def test_an_include_on_a_full_disk_does_not_end_the_daemon(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu1 = node.uuids[1]
+    node.pool.exclude(gpu1, "Xid 95")
+
+    def full(*args: Any, **kw: Any) -> bool:
+        raise StoreError("database or disk is full")
+
+    monkeypatch.setattr(node.store, "include", full)
+    assert node.pool.include(gpu1, by="uid 0 (pid 1)")
+    assert node.state(gpu1) == GpuState.HEALTHY
+    node.step()
+    monkeypatch.undo()
+    node.step()
+    assert gpu1 not in node.store.excluded()

@@ -9,6 +9,7 @@ swallowed it), and every process a test started is killed at teardown.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -415,3 +416,54 @@ def test_the_wait_for_a_gpu_to_be_released_is_bounded(node: Node, monkeypatch: p
     node.tick_until(sup, lambda: job.attempt.number == 2 and job.state == S.RUNNING, "the restart after the bound")
     event = node.log.of(EventKind.GPU_NOT_RELEASED)[0]
     assert "starting anyway" in event.message and f"pid {held.holders[0]} on GPU 0" in event.message
+
+
+LEAVES_A_CHILD = (
+    "import os, subprocess, sys\n"
+    "child = subprocess.Popen([sys.executable, '-c', 'import os, time; os.setsid(); time.sleep(60)'])\n"
+    "open(os.environ['GPUGUARD_HEARTBEAT'] + '.child', 'w').write(str(child.pid))\n"
+    "sys.exit(0)\n"
+)
+
+
+def test_what_an_attempt_leaves_behind_when_it_ends_is_stopped(node: Node) -> None:
+    """A job exits 0 but left a child in its own session: it must not outlive the job."""
+    sup = node.supervisor()
+    job = node.submit(sup, "j", LEAVES_A_CHILD)
+    marker = sup.files.heartbeat("j").with_name("heartbeat.child")
+    node.tick_until(sup, lambda: job.state in FINAL, "the job's end")
+    assert job.state == S.SUCCEEDED
+    child = int(marker.read_text())
+    wait_for(lambda: not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE, "the child's end")
+    stopped = node.log.of(EventKind.JOB_LEFTOVERS_STOPPED)
+    assert stopped and str(child) in stopped[0].message
+
+
+def test_no_attempt_starts_before_its_record_is_saved(node: Node) -> None:
+    """On a full disk a restart is held back: an attempt the record does not know could run twice."""
+    sup = node.supervisor()
+    job = node.submit(sup, "j", "raise SystemExit(3)", max_restarts=5)
+    node.tick_until(sup, lambda: job.state == S.BACKOFF, "the crash")
+    node.records.full = True
+    for _ in range(20):
+        sup.tick(time.time() + 60, node.facts)  # the backoff is over
+    assert job.attempt.number == 1 and job.rt.proc is None
+    node.records.full = False
+    node.tick_until(sup, lambda: job.attempt.number == 2, "the restart once the record saves")
+
+
+def test_an_attempt_the_record_did_not_know_is_stopped_by_the_next_supervisor(node: Node) -> None:
+    """The daemon died between spawning an attempt and saving it: the new one must not run it twice."""
+    first = node.supervisor()
+    job = node.submit(first, "j", SLEEP)
+    wrapper = job.attempt.pid
+    assert wrapper is not None
+    record = json.loads(json.dumps(job.record()))
+    record["attempt"] |= {"state": "starting", "pid": None, "start_time": None}  # as saved before the spawn
+    node.records.saved["j"] = record
+    second = node.supervisor()
+    again = second.jobs["j"]
+    node.tick_until(second, lambda: again.state == S.RUNNING, "the new attempt")
+    assert again.attempt.pid != wrapper
+    wait_for(lambda: not psutil.pid_exists(wrapper) or psutil.Process(wrapper).status() == psutil.STATUS_ZOMBIE, "the stray's end")
+    assert EventKind.JOB_LEFTOVERS_STOPPED in node.log.kinds("j")
