@@ -54,10 +54,20 @@ def module_name(path: Path) -> str:
 
 
 def gpuguard_imports(path: Path) -> set[str]:
-    """Every gpuguard module the file imports, at any depth of the file (imports
-    inside functions count too: they are the same dependency, only later)."""
+    """Every gpuguard module the file imports at run time, at any depth of the file
+    (imports inside functions count too: they are the same dependency, only later)."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    # imports only a type checker sees (under `if TYPE_CHECKING:`) are no runtime dependency
+    typing_only = {
+        id(inner)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+        for inner in ast.walk(block)
+    }
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("gpuguard")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gpuguard") and node.level == 0:

@@ -34,7 +34,8 @@ from gpuguard.supervisor.ports import Facts, Ports
 from gpuguard.supervisor.jobprocess import kill_cgroup_of
 from gpuguard.supervisor.pids import wrappers_of
 from gpuguard.supervisor.process import StopResult, adopt, become_subreaper
-from gpuguard.supervisor.runner import RESTART_KINDS, JobRunner
+from gpuguard.supervisor.exits import RESTART_KINDS
+from gpuguard.supervisor.runner import JobRunner
 from gpuguard.supervisor.snapshots import SnapshotCorrupt, SnapshotRing
 from gpuguard.supervisor.states import ACTIVE, FINAL, JobEvent, JobState
 
