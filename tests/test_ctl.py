@@ -49,13 +49,15 @@ def ctl(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def test_status_table(sock: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = ctl(capsys, "--socket", str(sock), "status")
     assert code == 0
-    gpu_header, gpu0, gpu1, _, job_header, job, _, daemon = out.splitlines()
-    assert gpu_header.split() == ["GPU", "UUID", "STATE", "REASON", "TEMP", "UTIL", "MEM", "JOBS"]
-    assert gpu0.split() == ["0", "GPU-0a1b2c3d", "healthy", "-", "41C", "97%", "40.0/80.0GiB", "train"]
-    assert gpu1.split()[:3] == ["1", "GPU-9f8e7d6c", "excluded"] and "Xid 79: GPU has fallen off the bus" in gpu1
+    gpu_header, gpu0, gpu1, _, note, _, job_header, job, _, daemon = out.splitlines()
+    assert gpu_header.split() == ["GPU", "UUID", "STATE", "TEMP", "UTIL", "MEM", "JOBS"]
+    assert gpu0.split() == ["0", "GPU-0a1b2c3d", "healthy", "41C", "97%", "40.0/80.0GiB", "train"]
+    assert gpu1.split() == ["1", "GPU-9f8e7d6c", "excluded", "-", "-", "-", "-"]
+    assert note == "GPU 1: Excluded: Xid 79: GPU has fallen off the bus."
     assert job_header.split() == ["JOB", "STATE", "GPUS", "ATTEMPT", "RESTARTS", "PID", "CHECKPOINT"]
-    assert job.split() == ["train", "running", "GPU-0a1b2c3d", "2", "1", "777", "/data/run/last.pt"]
+    assert job.split() == ["train", "running", "0", "2", "1", "777", "/data/run/last.pt"]  # GPUs by index
     assert daemon == "daemon: gpuguardd 0.1.0, backend simulated, pid 4242, up 1h02m"
+    assert "\x1b" not in out  # not a terminal: no colour
 
 
 def test_status_json_is_the_daemons_dict(sock: Path, fake: FakeController, capsys: pytest.CaptureFixture[str]) -> None:
@@ -96,7 +98,7 @@ def test_run_sends_absolute_paths_and_a_clean_environment(
     argv = ["run", "--name", "train", "--gpus", "2", "--min-gpus", "1", "--checkpoint", "runs/last.pt",
             "--max-restarts", "3", "--", "python", "train.py", "--epochs", "3", "--", "x"]
     code, out, _ = ctl(capsys, *argv)
-    assert code == 0 and out == "name=train state=starting\n"
+    assert code == 0 and out == "Job train is starting. Its output: gpuguardctl logs train\n"
     name, (spec,), _ = fake.calls[-1]
     env = spec.pop("env")
     assert spec == {
@@ -178,6 +180,12 @@ def test_healthy(sock: Path, fake: FakeController, capsys: pytest.CaptureFixture
     assert (code, out) == (0, expected + "\n")
 
 
+def test_healthy_when_none_is(sock: Path, fake: FakeController, capsys: pytest.CaptureFixture[str]) -> None:
+    fake.gpus[0]["state"] = "faulted"
+    code, out, err = ctl(capsys, "--socket", str(sock), "healthy")
+    assert (code, out) == (1, "") and err == "gpuguardctl: healthy: no GPU is healthy now (gpuguardctl status says why)\n"
+
+
 @pytest.mark.parametrize(("status", "code"), [("healthy", 0), ("unhealthy", 1), ("unknown", 2)])
 def test_check(sock: Path, fake: FakeController, capsys: pytest.CaptureFixture[str], status: str, code: int) -> None:
     fake.verdict = {"status": status, "message": f"gpuguard: {status} because"}
@@ -195,12 +203,15 @@ def test_unreachable_daemon(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 def test_changing_commands_and_their_failures(sock: Path, fake: FakeController, capsys: pytest.CaptureFixture[str]) -> None:
     s = ["--socket", str(sock)]
     assert ctl(capsys, *s, "exclude", "1", "--reason", "bad fan") == (
-        0, f"gpu={UUID1} index=1 state=excluded reason=bad fan\n", "")
+        0, "GPU 1 (GPU-9f8e7d6c) is excluded: bad fan. It stays out of service until `gpuguardctl include 1`.\n", "")
+    code, out, _ = ctl(capsys, *s, "exclude", "1", "--json")
+    assert code == 0 and json.loads(out) == {"gpu": UUID1, "index": 1, "state": "excluded", "reason": "excluded by operator"}
     assert ctl(capsys, *s, "include", UUID1)[0] == 0
     assert fake.calls[-1][:2] == ("include", (UUID1,))
-    assert ctl(capsys, *s, "inject", "0", "xid", "79") == (0, f"gpu={UUID0} injected=xid 79\n", "")
-    assert ctl(capsys, *s, "stop", "train") == (0, "name=train state=stopping\n", "")
-    assert ctl(capsys, *s, "rollback", "train", "s1")[0] == 0
+    assert ctl(capsys, *s, "inject", "0", "xid", "79") == (0, "GPU-0a1b2c3d: xid 79.\n", "")
+    assert ctl(capsys, *s, "stop", "train") == (
+        0, "Job train is stopping; its GPUs are freed once it and everything it started have exited.\n", "")
+    assert ctl(capsys, *s, "rollback", "train", "s1") == (0, "Job train goes back to snapshot s1.\n", "")
     assert fake.calls[-1][:2] == ("rollback", ("train", "s1"))
     code, out, err = ctl(capsys, *s, "reset", "0")
     assert (code, out) == (1, "") and err == "gpuguardctl: reset: GPU 0: nvidia-smi exited 255\n"

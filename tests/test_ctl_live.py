@@ -166,7 +166,7 @@ def _job_state(d: DaemonProc, name: str) -> str | None:
 def test_run_wait_exits_with_the_jobs_outcome(daemon: DaemonProc, tmp_path: Path) -> None:  # noqa: F811
     run = ("run", "--wait", "--workdir", str(tmp_path), "--max-restarts", "0", "--name")
     done = daemon.ctl(*run, "ok", "--", "sh", "-c", "echo fine")
-    assert done.stdout.splitlines()[-1] == "name=ok state=succeeded attempt=1 restarts=0 exit_code=0"
+    assert done.stdout.splitlines()[-1] == "Job ok succeeded after 1 attempt and 0 restarts."
     failed = daemon.ctl(*run, "bad", "--", "sh", "-c", "exit 3", check=False)
     assert failed.returncode == 1 and "run: job bad failed: exit 3" in failed.stderr
     waiting = Running(daemon, *run, "halted", "--", "sleep", "60")
@@ -204,7 +204,7 @@ def test_run_wait_rides_out_a_daemon_restart(daemon: DaemonProc, tmp_path: Path)
         go.touch()
         code, err = waiting.wait()
         assert code == 0 and "answers again" in err
-        assert waiting.seen[-1].startswith("name=kept state=succeeded")
+        assert waiting.seen[-1].startswith("Job kept succeeded")
     finally:
         waiting.close()
         daemon.ctl("stop", "kept", check=False)

@@ -5,11 +5,16 @@ Commands, flags, output and exit codes are fixed by CONTRACT.md: 0 done,
 0 healthy, 1 unhealthy, 2 unknown (node-problem-detector's plugin protocol).
 
 - `cli`: `main`, one command from parsing to exit code.
-- `parser`: the command line.
+- `parser`, `helptext`: the command line, and the longer texts of its --help.
 - `wire`: the socket path and what each command sends.
-- `output`: tables, JSON and one-line summaries.
+- `output`: what each command prints (JSON with --json).
+- `status_table`, `reasons`, `tables`: `status` within the terminal's width,
+  why a GPU is not healthy in sentences, columns that fit.
+- `replies`: the changing commands' sentences.
 - `live`: the commands that keep running (`status --watch`, `events --follow`, `run --wait`).
 - `logs`: a job's own output, read as the caller.
+- `completion`, `generate`: shell completion (shtab), and the build step that
+  writes the shipped completions and man pages (argparse-manpage).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from gpuguard.ctl.common import (
     EXIT_BROKEN_PIPE,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    EXIT_OK,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
     Daemon,
@@ -22,7 +23,8 @@ from gpuguard.ctl.common import (
 )
 from gpuguard.ctl.live import follow_events, wait_for_job, watch_status
 from gpuguard.ctl.logs import show_logs
-from gpuguard.ctl.output import OUTPUT, print_summary
+from gpuguard.ctl.completion import script
+from gpuguard.ctl.output import OUTPUT, print_reply
 from gpuguard.ctl.parser import build_parser
 from gpuguard.ctl.wire import socket_path, wire_args
 
@@ -45,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
+    if args.command == "completion":  # needs no daemon
+        print(script(args.shell), end="")
+        return EXIT_OK
     check = args.command == "check"
     try:
         request_args = wire_args(args)
@@ -82,8 +87,9 @@ def _run(args: argparse.Namespace, daemon: Daemon, request_args: dict[str, Any])
         case "logs":
             return show_logs(args, daemon)
     result = daemon.call(args.command, request_args)
-    code = OUTPUT.get(args.command, print_summary)(args, result)
     if args.command == "run" and args.wait:
-        sys.stdout.flush()
-        return wait_for_job(args.name, daemon)
-    return code
+        if not args.json:  # with --json, only the job's entry once it has ended
+            print_reply(args, result)
+            sys.stdout.flush()
+        return wait_for_job(args.name, daemon, as_json=args.json)
+    return OUTPUT[args.command](args, result)

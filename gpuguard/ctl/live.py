@@ -12,7 +12,9 @@ from collections import deque
 from typing import Any
 
 from gpuguard.ctl.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Daemon, pause, warn
-from gpuguard.ctl.output import EVENT_HEADERS, event_line, event_row, format_status, summary
+from gpuguard.ctl.output import EVENT_HEADERS, event_line, event_row
+from gpuguard.ctl.replies import ended
+from gpuguard.ctl.status_table import format_status, look_for
 
 POLL_S = 0.5  # `events --follow` and `run --wait`
 FOLLOW_BATCH = 1000  # the most events one poll of `events --follow` asks for
@@ -24,6 +26,7 @@ def watch_status(args: argparse.Namespace, daemon: Daemon) -> int:
     """Redraw the status every `args.watch` seconds (on a terminal, in place;
     else one after another; with --json one object per line)."""
     redraw = sys.stdout.isatty() and not args.json
+    look = look_for(args.wide, args.no_color)
     try:
         while True:
             status = daemon.poll("status")
@@ -31,7 +34,7 @@ def watch_status(args: argparse.Namespace, daemon: Daemon) -> int:
                 print(json.dumps(status, separators=(",", ":")), flush=True)
             elif status is not None:
                 head = f"every {args.watch:g} s: gpuguardctl status  {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                print(f"{CLEAR if redraw else ''}{head}\n\n{format_status(status)}", end="\n" if redraw else "\n\n")
+                print(f"{CLEAR if redraw else ''}{head}\n\n{format_status(status, look)}", end="\n" if redraw else "\n\n")
                 sys.stdout.flush()
             pause(args.watch)
     except KeyboardInterrupt:
@@ -88,9 +91,10 @@ def follow_events(args: argparse.Namespace, daemon: Daemon, first: dict[str, Any
         return EXIT_OK
 
 
-def wait_for_job(name: str, daemon: Daemon) -> int:
+def wait_for_job(name: str, daemon: Daemon, as_json: bool = False) -> int:
     """Poll the status until job `name` ends: exit 0 if it succeeded, 1 if it
-    failed or was stopped. Ctrl-C leaves the job running."""
+    failed or was stopped (with `as_json`, its entry of `status --json` is
+    printed either way). Ctrl-C leaves the job running."""
     try:
         while True:
             status = daemon.poll("status")
@@ -101,17 +105,19 @@ def wait_for_job(name: str, daemon: Daemon) -> int:
                     return EXIT_FAILED
                 code = OUTCOME.get(str(job.get("state")))
                 if code is not None:
-                    return _ended(job, code)
+                    return _ended(job, code, as_json)
             time.sleep(POLL_S)  # not `pause`: a reader gone from stdout leaves the exit code to wait for
     except KeyboardInterrupt:
         warn(f"run: stopped waiting; job {name} is still running (gpuguardctl stop {name} stops it)")
         return EXIT_INTERRUPTED
 
 
-def _ended(job: dict[str, Any], code: int) -> int:
+def _ended(job: dict[str, Any], code: int, as_json: bool) -> int:
     """Say how the job ended: on stdout when it succeeded, else on stderr."""
-    if code == EXIT_OK:
-        print(summary({k: job.get(k) for k in ("name", "state", "attempt", "restarts", "exit_code")}))
-    else:
+    if as_json:
+        print(json.dumps(job, indent=2))
+    elif code == EXIT_OK:
+        print(ended(job))
+    if code != EXIT_OK:
         warn(f"run: job {job.get('name')} {job.get('state')}: {job.get('reason') or 'no reason given'}")
     return code
