@@ -2,27 +2,48 @@
 at random times, then the invariants that must hold.
 
 A real gpuguardd (--simulate 4) supervises four copies of the scripted trainer
-(tests/supervisor/jobs/trainer.py; one ignores the checkpoint signal). A
-seeded schedule injects, at random times: Xids of each action class (13, 31,
-48, 95, 119, 79), ECC single-bit bursts, pending row remaps, lost GPUs, hung
-trainers (SIGSTOP), NVML hangs, crashed trainers (SIGKILL), a SIGKILLed and
-restarted daemon and truncated checkpoints. A healer resets and includes GPUs
-that stay out of service, as an operator would; a lost GPU needs a "node
-reboot", which here is a daemon restart (the simulated GPUs live in it).
+(tests/supervisor/jobs/trainer.py), each misbehaving in its own way: `escape`
+leaves a SIGTERM-proof grandchild in a session of its own, `loop` exits 75
+unasked every 20 steps with a max_restarts the loop reaches half way, and
+`nohandler` installs no handler for the checkpoint signal (it saves on
+SIGTERM); `deaf` ignores both. A seeded schedule injects, at random times:
+Xids of each action class (13, 31, 48, 95, 119, 79), ECC single-bit bursts,
+pending row remaps, lost GPUs, NVML blips (1 s, shorter than the wedge limit),
+NVML wedges (4 s on a GPU holding a job, longer than [health]
+nvml_wedged_after_s = 2), hung trainers (SIGSTOP), crashed trainers (SIGKILL),
+truncated checkpoints, a SIGKILLed and restarted daemon, the same with the
+`escape` trainer SIGKILLed while no daemon runs (its grandchild escapes to
+init), and a database whose first 100 bytes are overwritten while the daemon
+is down (its WAL's header too: the WAL's copy of page 1 would hide the
+damage, and SQLite would repair the file). A healer resets and includes GPUs that stay out of service, as an
+operator would; a lost GPU needs a "node reboot", which here is a daemon
+restart (the simulated GPUs live in it). Wedged GPUs are left to gpuguard.
 
 Checked at the end, printed as a table; exit 0 only if every one holds:
-  - no job lost: each ends succeeded, or failed with a reason;
+  - the daemon never dies by itself (one that does is started again, as
+    systemd's Restart=on-failure would, and the row says how it ended);
+  - no job lost: each succeeds; `loop` may instead fail with a reason;
   - no GPU ever held by two jobs (status sampled every 0.2 s, and the live
     trainer processes' CUDA_VISIBLE_DEVICES);
-  - progress never goes back past the newest valid checkpoint: each attempt
-    starts at or after the step of every snapshot saved before it started;
-  - no process left behind once the jobs are done and the daemon stopped;
+  - progress never goes back past the newest valid checkpoint;
+  - a wedged GPU is excluded, and returns through probation by itself; no
+    GPU is excluded as wedged without a wedge (a blip is not one);
+  - a hang never excludes a GPU; a repaired GPU is in service right after
+    the operator's include (no Xid, suspicion or probation remembered); a
+    corrupted database is rebuilt from STATE_DIR/records (state_rebuilt,
+    every job and excluded GPU back);
+  - no process left behind: no grandchild outlives its attempt by more than
+    10 s, nothing of the run outlives the jobs and the daemon;
   - the daemon's RSS and the event store stay bounded.
+Counts of what the daemon did about each shape (from its events) come with
+the table, and the daemon log's job_tick_failed lines are counted.
 
 A full state disk (`--disk-full`, on with `--long`): the state dir is a
 small tmpfs of its own (mounting needs root), and the fault fills it to
-ENOSPC for a few seconds, then frees it. Without root or mount it is skipped,
-and the store's own tests still cover ENOSPC (events wait in a backlog).
+ENOSPC for a few seconds, SIGKILLs the daemon and starts it again on the
+full disk (again and again, as systemd would, while it exits), then frees
+it. Without root or mount it is skipped, and the store's own tests still
+cover ENOSPC (events wait in a backlog).
 
 The seed fixes the schedule (times, classes, target picks); outcomes still
 depend on timing. Usage:
@@ -32,11 +53,8 @@ depend on timing. Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import pickle
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -44,48 +62,34 @@ import sys
 import tempfile
 import threading
 import time
-import zipfile
-from collections import Counter
-from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from gpuguard.control.client import CommandFailed, DaemonUnreachable, request
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-REPO = Path(__file__).resolve().parent.parent
-TRAINER = REPO / "tests" / "supervisor" / "jobs" / "trainer.py"
-GPUS = 4
-JOBS = ("j0", "j1", "j2", "deaf")  # "deaf" ignores the checkpoint signal and SIGTERM
-STEP_S = 0.05
-EVERY = 20  # trainer checkpoint period, in steps: 1 s, slower than the watcher's settle time
+from chaos_env import (  # noqa: E402
+    EVERY, GPUS, STEP_S, TRAINER, Daemon, JobKind, alive, attempts, corrupt, db_bytes, fill_for, grandchild_alive,
+    job_kinds, kill_all, mount_small_disk, read_step, run_processes, ts_of,
+)
+from chaos_verdict import (  # noqa: E402
+    WEDGE_SETTLE_S, Record, Wedge, check_hangs, check_progress, check_wedges, count_job_shapes, dedupe, job_lost,
+    print_invariants, print_tables, summary,
+)
+
+from gpuguard.control.client import CommandFailed, DaemonUnreachable, request  # noqa: E402
+
 HEAL_AFTER_S = 3.0  # a GPU out of service this long gets the operator's treatment
+REPAIR_WITHIN_S = 5.0  # after the operator's reset and include, the GPU is in service within this
+QUIET_S = 2.0  # a GPU faulted this recently may still be hearing about it: no repair check then
+WEDGE_S = 4.0  # nvml-hang seconds of a wedge
+STRAY_GRACE_S = 10.0  # a grandchild may outlive its attempt this long (the stop's SIGKILL phase)
+DISK_FULL_S = 3.0
 MAX_RSS_BYTES = 400 * 1024**2
 MAX_DB_BYTES = 64 * 1024**2
-CONFIG = """\
-[daemon]
-socket_mode = "0666"
-[monitor]
-poll_interval_s = 0.2
-nvml_timeout_s = 0.5
-hang_timeout_s = 2.0
-hang_startup_timeout_s = 2.0  # a trainer stopped before its first heartbeat hangs too
-[health]
-restart_app_window_s = 3.0
-[reset]
-probation_s = 1.0
-max_per_gpu_per_day = 10000
-[jobs]
-checkpoint_grace_s = 1.0
-stop_timeout_s = 0.5
-max_restarts = 500
-backoff_initial_s = 0.2
-backoff_max_s = 1.0
-stable_after_s = 5.0
-"""
-# fault class -> (kind of target, inject arguments); "job" targets pick a GPU holding a job
+MAX_EVENTS = 100_000
+# fault class -> (kind of target, inject arguments); "job" and "wedge" pick a GPU holding a job
 FAULTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "xid13": ("job", ("xid", "13")),
     "xid31": ("job", ("xid", "31")),
@@ -96,94 +100,18 @@ FAULTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ecc-sbe": ("gpu", ("ecc-sbe", "5000")),
     "remap-pending": ("gpu", ("remap-pending",)),
     "lost": ("gpu", ("lost",)),
-    "nvml-hang": ("gpu", ("nvml-hang", "3")),
+    "nvml-hang": ("gpu", ("nvml-hang", "1")),  # a blip, under nvml_wedged_after_s: never a wedge
+    "nvml-wedge": ("wedge", ("nvml-hang", str(int(WEDGE_S)))),
     "hang": ("trainer", ()),
     "crash": ("trainer", ()),
     "truncate": ("checkpoint", ()),
     "daemon-kill": ("daemon", ()),
+    "escape": ("escape", ()),
+    "corrupt-db": ("corrupt", ()),
 }
 LOSING = {"xid79", "lost"}  # the GPU comes back only after a "reboot"
 ACTIVE = {"starting", "running", "checkpointing", "stopping"}
-SNAPSHOT_SAVED = re.compile(r"saved as snapshot (\S+)")
-
-
-def ts_of(event: dict[str, Any]) -> float:
-    return datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp()
-
-
-def read_step(path: Path) -> int | None:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return int(pickle.loads(archive.read("archive/data.pkl"))["step"])
-    except (OSError, zipfile.BadZipFile, KeyError, ValueError, EOFError, pickle.UnpicklingError):
-        return None
-
-
-class Daemon:
-    """gpuguardd --simulate 4 as a child process, killed and restarted at will."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.state = base / "state"
-        self.socket = base / "run" / "gpuguard.sock"
-        self.socket.parent.mkdir(parents=True)
-        self.config = base / "config.toml"
-        self.config.write_text(CONFIG)
-        self.log = base / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        argv = [sys.executable, "-m", "gpuguard.daemon.main", "--simulate", str(GPUS), "--config", str(self.config),
-                "--state-dir", str(self.state), "--socket", str(self.socket)]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        self.starts += 1
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gpuguardd exited {self.proc.returncode}; see {self.log}")
-            try:
-                if request(self.socket, "status", {}, timeout_s=2)["daemon"].get("last_poll_at"):
-                    return
-            except (DaemonUnreachable, CommandFailed):
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"gpuguardd did not come up; see {self.log}")
-
-    def kill_and_restart(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-        time.sleep(0.3)
-        self.start()
-
-    def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    def call(self, cmd: str, **args: Any) -> Any:
-        return request(self.socket, cmd, args, timeout_s=10)
-
-
-@dataclass
-class Record:
-    """What the watcher and the injector saw, for the invariants."""
-
-    violations: dict[str, list[str]] = field(default_factory=lambda: {"gpu": [], "progress": []})
-    injected: Counter[str] = field(default_factory=Counter)
-    skipped: Counter[str] = field(default_factory=Counter)
-    heals: Counter[str] = field(default_factory=Counter)
-    steps: dict[str, dict[str, int]] = field(default_factory=lambda: {name: {} for name in JOBS})
-    max_rss: int = 0
-    max_db: int = 0
-    samples: int = 0
+FINAL = {"succeeded", "failed", "stopped"}
 
 
 class Chaos:
@@ -191,29 +119,36 @@ class Chaos:
         self.base = base
         self.rng = random.Random(seed)
         self.duration_s = duration_s
+        self.steps = max(60, int(duration_s * 0.5 / STEP_S))
+        self.kinds: dict[str, JobKind] = job_kinds(self.steps)
         self.daemon = Daemon(base)
         self.faults = dict(FAULTS)
         self.mounted = disk_full and mount_small_disk(self.daemon.state)
         if self.mounted:
             self.faults["disk-full"] = ("disk", ())
-        self.record = Record()
+        self.record = Record(steps={name: {} for name in self.kinds})
         self.lock = threading.Lock()  # one actor on the daemon's life at a time
         self.done = threading.Event()
         self.out_since: dict[int, float] = {}  # GPU index -> when it was first seen out of service
         self.lost: set[int] = set()
-        self.workdirs = {name: base / name for name in JOBS}
+        self.wedging: dict[int, float] = {}  # GPU index -> when its wedge was injected (left to gpuguard)
+        self.touched: dict[int, float] = {}  # GPU index -> when a GPU-side fault was last injected
+        self.stray_since: dict[int, float] = {}  # grandchild pid -> when its attempt was seen over
+        self.events: list[dict[str, Any]] = []  # fetched before each corruption, and at the end
+        self.unsaved: list[str] = []  # jobs whose newest attempt was not on disk when the daemon was killed
+        self.workdirs = {name: base / name for name in self.kinds}
 
     # --- the run -----------------------------------------------------------
     def run(self) -> None:
         self.daemon.start()
-        steps = max(60, int(self.duration_s * 0.5 / STEP_S))
-        for name, workdir in self.workdirs.items():
+        for name, kind in self.kinds.items():
+            workdir = self.workdirs[name]
             workdir.mkdir()
-            flags = ["--ignore-signal"] if name == "deaf" else []
+            extra = {"max_restarts": kind.max_restarts} if kind.max_restarts is not None else {}
             self.daemon.call(
                 "run", name=name, command=[sys.executable, str(TRAINER), "--every", str(EVERY), "--step-s", str(STEP_S),
-                                           "--finish-after", str(steps), *flags],
-                workdir=str(workdir), checkpoint=str(workdir / "ck.pt"), env={"PATH": os.environ.get("PATH", "")},
+                                           "--finish-after", str(self.steps), *kind.flags],
+                workdir=str(workdir), checkpoint=str(workdir / "ck.pt"), env={"PATH": os.environ.get("PATH", "")}, **extra,
             )
         watcher = threading.Thread(target=self.watch, name="watch", daemon=True)
         watcher.start()
@@ -257,14 +192,11 @@ class Chaos:
 
     def _inject(self, fault: str, target: str, args: tuple[str, ...], pick: float, status: dict[str, Any]) -> bool:
         running = sorted((j for j in status["jobs"] if j["state"] == "running" and j["gpus"]), key=lambda j: j["name"])
-        if target == "daemon":
-            self.daemon.kill_and_restart()
-            return True
-        if target == "disk":
-            fill_for(self.daemon.state / "filler", DISK_FULL_S)
-            return True
+        gpus = {g["uuid"]: g for g in status["gpus"]}
+        if target in ("daemon", "disk", "corrupt", "escape"):
+            return self._inject_daemon(target, running, status)
         if target == "gpu":
-            candidates = [g["index"] for g in status["gpus"] if g["index"] not in self.lost]
+            candidates = [g["index"] for g in status["gpus"] if g["index"] not in self.lost and g["index"] not in self.wedging]
             if fault in LOSING and (self.lost or len(candidates) < GPUS):
                 return False  # keep at most one GPU waiting for a reboot, so the jobs can finish
             if not candidates:
@@ -272,13 +204,25 @@ class Chaos:
             index = candidates[int(pick * len(candidates))]
             if fault in LOSING:
                 self.lost.add(index)
+            self.touched[index] = time.monotonic()
             self.daemon.call("inject", gpu=str(index), fault=args[0], value=args[1] if len(args) > 1 else None)
             return True
+        if target in ("job", "wedge"):
+            now = time.monotonic()
+            running = [j for j in running if gpus[j["gpus"][0]]["index"] not in self.wedging]
+            if target == "wedge":  # a clean wedge: a healthy GPU nothing else happened to lately
+                running = [j for j in running if (g := gpus[j["gpus"][0]])["state"] == "healthy" and not g["excluded"]
+                           and g["index"] not in self.lost and now - self.touched.get(g["index"], -1e9) > 3.0]
         if not running:
             return False
         job = running[int(pick * len(running))]
-        if target == "job":
-            self.daemon.call("inject", gpu=job["gpus"][0], fault=args[0], value=args[1])
+        if target in ("job", "wedge"):
+            gpu = gpus[job["gpus"][0]]
+            self.touched[gpu["index"]] = time.monotonic()
+            self.daemon.call("inject", gpu=gpu["uuid"], fault=args[0], value=args[1])
+            if target == "wedge":
+                self.wedging[gpu["index"]] = time.monotonic()
+                self.record.wedges.append(Wedge(gpu["uuid"], gpu["index"], time.time()))
             return True
         if target == "checkpoint":
             ck = self.workdirs[job["name"]] / "ck.pt"
@@ -291,6 +235,76 @@ class Chaos:
         trainer.send_signal(signal.SIGSTOP if fault == "hang" else signal.SIGKILL)
         return True
 
+    def _inject_daemon(self, target: str, running: list[dict[str, Any]], status: dict[str, Any]) -> bool:
+        """The daemon's own faults: SIGKILL and restart, alone or with an escape, a full disk or a corrupt database."""
+        d = self.daemon
+        if target == "escape":
+            job = next((j for j in running if j["name"] == "escape"), None)
+            trainer = self.trainer_of(job) if job is not None else None
+            if trainer is None:
+                return False
+            self.kill_daemon(status)
+            trainer.kill()  # with no daemon (the subreaper) to take it, its grandchild goes to init
+            d.start()
+            return True
+        if target == "disk":
+            freed = fill_for(d.state / "filler", DISK_FULL_S)
+            time.sleep(0.5)  # the daemon meets the full disk first
+            self.kill_daemon(self.daemon.call("status"))
+            failed = d.failed_starts
+            d.start()  # on the full disk: while it exits at start, it is started again
+            self.record.outcomes["disk-full: daemon SIGKILLed, started on the full disk"] += 1
+            self.record.outcomes["disk-full: up again before the disk was freed"] += not freed.is_set()
+            self.record.outcomes["disk-full: exited at start, started again"] += d.failed_starts - failed
+            return True
+        if target == "corrupt":
+            self.collect_events()  # the events die with the file
+            self.kill_daemon(status)
+            saved, quarantined = d.saved_attempts(), d.quarantined()
+            corrupt(d.state / "gpuguard.db")
+            since = time.time()
+            d.start()
+            self.check_rebuilt(saved, quarantined, since)
+            aside = self.base / "corrupt-db"
+            aside.mkdir(exist_ok=True)
+            for path in d.state.glob("gpuguard.db.corrupt*"):  # the operator keeps them off the small disk
+                shutil.move(str(path), str(aside / path.name))
+            return True
+        self.kill_daemon(status)
+        d.start()
+        return True
+
+    def kill_daemon(self, status: dict[str, Any]) -> None:
+        """SIGKILL the daemon; note each job whose newest attempt (in status just before) was not on disk."""
+        self.daemon.kill()
+        saved = self.daemon.saved_attempts()
+        for job in status["jobs"]:
+            if saved.get(job["name"], 0) < job["attempt"]:
+                self.record.outcomes["daemon SIGKILL: a job's newest attempt not on disk"] += 1
+                self.unsaved.append(f"{time.strftime('%H:%M:%S')} {job['name']} attempt {job['attempt']} "
+                                    f"({job['state']}), records file at attempt {saved.get(job['name'])}")
+
+    def check_rebuilt(self, saved: dict[str, int], quarantined: set[str], since: float) -> None:
+        """Right after a start on a corrupted database: a state_rebuilt event, every job back at
+        the attempt its records file held or later, every GPU the records held as excluded still excluded."""
+        status = self.daemon.call("status")
+        events = self.daemon.call("events", limit=MAX_EVENTS)
+        rebuilt = [e for e in events if e["kind"] == "state_rebuilt" and ts_of(e) >= since - 1.0]
+        jobs = {j["name"]: j["attempt"] for j in status["jobs"]}
+        excluded = {g["uuid"] for g in status["gpus"] if g["excluded"]}
+        wrong = [f"job {n} {'missing' if n not in jobs else f'at attempt {jobs[n]}, its record {a}'}"
+                 for n, a in saved.items() if jobs.get(n, -1) < a]
+        wrong += [f"GPU {u[:12]} no longer excluded" for u in sorted(quarantined - excluded)]
+        if not rebuilt:
+            wrong.append("no state_rebuilt event")
+        if wrong:
+            self.record.fail("rebuild", f"{time.strftime('%H:%M:%S')} after corruption: {', '.join(wrong)}")
+        else:
+            self.record.outcomes["corrupt-db: rebuilt from records (state_rebuilt)"] += 1
+
+    def collect_events(self) -> None:
+        self.events.extend(self.daemon.call("events", limit=MAX_EVENTS))
+
     @staticmethod
     def trainer_of(job: dict[str, Any]) -> psutil.Process | None:
         if not job.get("pid"):
@@ -302,8 +316,10 @@ class Chaos:
 
     # --- the operator ------------------------------------------------------
     def heal(self, patience_s: float = HEAL_AFTER_S) -> None:
-        """GPUs out of service for a while: reset, include; a lost one needs a reboot (daemon restart)."""
+        """GPUs out of service for a while: reset, include; a lost one needs a reboot (daemon restart).
+        A wedged GPU is gpuguard's to bring back; the operator steps in only after WEDGE_SETTLE_S."""
         with self.lock:
+            self.revive()
             try:
                 status = self.daemon.call("status")
             except (DaemonUnreachable, CommandFailed):
@@ -311,6 +327,13 @@ class Chaos:
             now = time.monotonic()
             for gpu in status["gpus"]:
                 index = gpu["index"]
+                if index in self.wedging:
+                    if gpu["state"] == "healthy" and now - self.wedging[index] > WEDGE_S + 0.5:
+                        del self.wedging[index]  # back by itself
+                    elif now - self.wedging[index] < WEDGE_SETTLE_S:
+                        continue
+                    else:
+                        del self.wedging[index]  # the invariant says so; the operator takes over
                 if gpu["state"] == "healthy":
                     self.out_since.pop(index, None)
                     continue
@@ -318,24 +341,56 @@ class Chaos:
                 if now - since < patience_s or gpu["state"] == "resetting" or gpu["jobs"]:
                     continue
                 if index in self.lost:
-                    self.daemon.kill_and_restart()
+                    self.kill_daemon(status)
+                    self.daemon.start()
                     self.lost.discard(index)
                     self.record.heals["reboot"] += 1
+                reset = False
                 for action in ("reset", "include"):  # a reset can fail (a GPU still busy): include anyway
                     try:
                         self.daemon.call(action, gpu=str(index))
                         self.record.heals[action] += 1
+                        reset = reset or action == "reset"
                     except (DaemonUnreachable, CommandFailed):
                         pass
+                if reset and time.monotonic() - self.touched.get(index, -1e9) > QUIET_S:
+                    self.check_repaired(index)
                 self.out_since[index] = now  # give it time before the next try
                 return  # one action per pass: the status is stale after it
+
+    def revive(self) -> None:
+        """The daemon died by itself (not one of the run's SIGKILLs): note how, and start it as systemd would."""
+        try:
+            ended = self.daemon.revive()
+        except RuntimeError as exc:
+            ended = str(exc)
+        if ended is not None:
+            self.record.fail("died", f"{time.strftime('%H:%M:%S')} gpuguardd {ended}")
+
+    def check_repaired(self, index: int) -> None:
+        """After a good reset and include, nothing remembered keeps the GPU out: no Xid, no suspicion, no probation."""
+        deadline = time.monotonic() + REPAIR_WITHIN_S
+        gpu: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            try:
+                gpu = next(g for g in self.daemon.call("status")["gpus"] if g["index"] == index)
+            except (DaemonUnreachable, CommandFailed):
+                gpu = {}
+            if gpu.get("state") == "healthy" and not gpu.get("excluded"):
+                if gpu.get("suspect"):
+                    self.record.fail("repair", f"GPU {index}: still suspect of {gpu['suspect']} after include")
+                else:
+                    self.record.outcomes["include after repair: back in service"] += 1
+                return
+            time.sleep(0.1)
+        self.record.fail("repair", f"{time.strftime('%H:%M:%S')} GPU {index}: reset and included, still {gpu.get('state')}: {gpu.get('reason')}")
 
     def all_final(self) -> bool:
         try:
             jobs = self.daemon.call("status")["jobs"]
         except (DaemonUnreachable, CommandFailed):
             return False
-        return len(jobs) == len(JOBS) and all(j["state"] in ("succeeded", "failed", "stopped") for j in jobs)
+        return len(jobs) == len(self.kinds) and all(j["state"] in FINAL for j in jobs)
 
     # --- the watcher -------------------------------------------------------
     def watch(self) -> None:
@@ -348,6 +403,7 @@ class Chaos:
             if status is not None:
                 self.record.samples += 1
                 self.check_holders(status, now)
+                self.check_strays(status, now)
             self.check_processes(now)
             self.measure()
             self.read_snapshot_steps()
@@ -355,7 +411,7 @@ class Chaos:
     def check_holders(self, status: dict[str, Any], now: str) -> None:
         for gpu in status["gpus"]:
             if len(gpu["jobs"]) > 1:
-                self.record.violations["gpu"].append(f"{now} status: GPU {gpu['index']} held by {gpu['jobs']}")
+                self.record.fail("gpu", f"{now} status: GPU {gpu['index']} held by {gpu['jobs']}")
         holders: dict[str, list[str]] = {}
         for job in status["jobs"]:
             if job["state"] in ACTIVE:
@@ -363,14 +419,14 @@ class Chaos:
                     holders.setdefault(uuid, []).append(job["name"])
         for uuid, names in holders.items():
             if len(names) > 1:
-                self.record.violations["gpu"].append(f"{now} status: {uuid} in the GPUs of {names}")
+                self.record.fail("gpu", f"{now} status: {uuid} in the GPUs of {names}")
 
     def check_processes(self, now: str) -> None:
         """The live trainers themselves: two jobs' processes on one GPU is a double booking."""
         holders: dict[str, set[str]] = {}
-        for proc in self.trainers():
+        for proc, kind in run_processes(self.base, self.daemon.state, self.daemon.proc.pid if self.daemon.proc else None):
             try:
-                if proc.status() == psutil.STATUS_ZOMBIE:
+                if kind != "trainer" or proc.status() == psutil.STATUS_ZOMBIE:
                     continue
                 env = proc.environ()
             except psutil.Error:
@@ -379,18 +435,29 @@ class Chaos:
                 holders.setdefault(uuid, set()).add(env.get("GPUGUARD_JOB", "?"))
         for uuid, names in holders.items():
             if len(names) > 1:
-                self.record.violations["gpu"].append(f"{now} processes: {uuid} used by trainers of {sorted(names)}")
+                self.record.fail("gpu", f"{now} processes: {uuid} used by trainers of {sorted(names)}")
 
-    def trainers(self) -> list[psutil.Process]:
-        """Trainer processes of this run (their cwd is one of its workdirs)."""
-        found = []
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                if str(TRAINER) in " ".join(proc.info["cmdline"] or ()) and Path(proc.cwd()).parent == self.base:
-                    found.append(proc)
-            except psutil.Error:
+    def check_strays(self, status: dict[str, Any], now: str) -> None:
+        """A grandchild may outlive its attempt only as long as the stop takes."""
+        jobs = {j["name"]: j for j in status["jobs"]}
+        clock = time.monotonic()
+        for name, kind in self.kinds.items():
+            job = jobs.get(name)
+            if "--child-session" not in kind.flags or job is None:
                 continue
-        return found
+            for rec in attempts(self.workdirs[name]):
+                pid, attempt = rec.get("grandchild"), int(rec["env"]["GPUGUARD_ATTEMPT"])
+                if not pid:
+                    continue
+                self.record.grandchildren.add(pid)
+                over = job["state"] not in ACTIVE or attempt < job["attempt"]
+                if not over or self.stray_since.get(pid) == -1.0 or not grandchild_alive(pid):
+                    continue
+                since = self.stray_since.setdefault(pid, clock)
+                if clock - since >= STRAY_GRACE_S:
+                    self.stray_since[pid] = -1.0  # reported once
+                    self.record.fail("strays", f"{now} {name} attempt {attempt}: its grandchild (pid {pid}) outlived the attempt by "
+                                     f"{STRAY_GRACE_S:.0f} s (job {job['state']}, attempt {job['attempt']})")
 
     def measure(self) -> None:
         proc = self.daemon.proc
@@ -399,126 +466,65 @@ class Chaos:
                 self.record.max_rss = max(self.record.max_rss, psutil.Process(proc.pid).memory_info().rss)
         except psutil.Error:
             pass
-        size = sum(p.stat().st_size for p in self.daemon.state.glob("gpuguard.db*") if p.exists())
-        self.record.max_db = max(self.record.max_db, size)
+        self.record.max_db = max(self.record.max_db, db_bytes(self.daemon.state))
 
     def read_snapshot_steps(self) -> None:
-        for name in JOBS:
+        for name in self.kinds:
             known = self.record.steps[name]
             for path in (self.daemon.state / "snapshots" / name).glob("*.pt"):
                 if path.stem not in known and (step := read_step(path)) is not None:
                     known[path.stem] = step
 
     # --- the verdict -------------------------------------------------------
-    def check_progress(self, events: list[dict[str, Any]]) -> None:
-        """Each attempt starts at or after every snapshot saved (event time) before it started,
-        and never before the attempt ahead of it. A snapshot pruned before it was read is skipped."""
-        for name in JOBS:
-            steps = self.record.steps[name]
-            saved = [(ts_of(e), m[1]) for e in events if e["job"] == name and e["kind"] == "snapshot_saved"
-                     and (m := SNAPSHOT_SAVED.search(e["message"]))]
-            started = {int(e.get("attempt", 1)): ts_of(e) for e in events
-                       if e["job"] == name and e["kind"] in ("job_started", "job_restarted")}
-            previous = 0
-            for rec in attempts(self.workdirs[name]):
-                attempt, step = int(rec["env"]["GPUGUARD_ATTEMPT"]), rec["start_step"]
-                resume = rec["env"].get("GPUGUARD_RESUME_FROM")
-                if resume and Path(resume).stem in steps and steps[Path(resume).stem] != step:
-                    self.record.violations["progress"].append(f"{name} attempt {attempt}: resumed at {step}, its snapshot holds {steps[Path(resume).stem]}")
-                if step < previous:
-                    self.record.violations["progress"].append(f"{name} attempt {attempt}: starts at step {step}, the attempt before started at {previous}")
-                if attempt in started:
-                    before = [steps[sid] for ts, sid in saved if ts < started[attempt] - 0.05 and sid in steps]
-                    if before and step < max(before):
-                        self.record.violations["progress"].append(
-                            f"{name} attempt {attempt}: starts at step {step}, a snapshot of step {max(before)} was saved before it started")
-                previous = max(previous, step)
-
     def verdict(self) -> int:
+        with self.lock:
+            self.revive()
         try:
             status = self.daemon.call("status")
-            events = self.daemon.call("events", limit=1_000_000)
+            self.collect_events()
         except (DaemonUnreachable, CommandFailed) as exc:
             print(f"the daemon does not answer at the end: {exc}")
             return 1
-        self.check_progress(events)
+        events = dedupe(self.events)
+        record = self.record
+        checked = check_progress(events, record, self.workdirs)
+        check_wedges(events, record, self.daemon.down_at)
+        check_hangs(events, record)
+        count_job_shapes(events, record)
         stopped = self.daemon.stop()
         time.sleep(0.5)
-        left = [p for p in self.trainers() if _alive(p)]
-        for proc in left:  # leave the machine clean whatever the verdict
-            proc.send_signal(signal.SIGCONT)
-            proc.kill()
+        left = [(p, k) for p, k in run_processes(self.base, self.daemon.state, None) if alive(p)]
+        kill_all(left)  # leave the machine clean whatever the verdict
         jobs = {j["name"]: j for j in status["jobs"]}
-        lost = [f"{n}: {jobs[n]['state'] if n in jobs else 'missing'}" for n in JOBS
-                if n not in jobs or not (jobs[n]["state"] == "succeeded" or jobs[n]["state"] == "failed" and jobs[n].get("reason"))]
+        lost = [why for n, k in self.kinds.items() if (why := job_lost(n, k, jobs.get(n)))]
+        v = record.violations
+        wedges = f"{len(record.wedges)} wedges: " + (", ".join(f"{n} {w.split(': ')[1]}" for w, n in sorted(record.outcomes.items())
+                                                             if w.startswith("wedge:")) or "none injected")
         rows = [
-            ("no job lost", not lost, "; ".join(lost) or ", ".join(f"{n} {jobs[n]['state']} ({jobs[n]['restarts']} restarts)" for n in JOBS)),
-            ("no GPU held by two jobs", not self.record.violations["gpu"],
-             "; ".join(self.record.violations["gpu"][:5]) or f"{self.record.samples} status samples"),
-            ("progress never behind the newest checkpoint", not self.record.violations["progress"],
-             "; ".join(self.record.violations["progress"][:5]) or f"{sum(len(attempts(w)) for w in self.workdirs.values())} attempts checked against "
-             f"{sum(len(s) for s in self.record.steps.values())} snapshots read"),
-            ("no process left behind", not left, ", ".join(f"pid {p.pid}" for p in left) or "no trainer alive after the run"),
-            ("daemon RSS bounded", self.record.max_rss < MAX_RSS_BYTES, f"max {self.record.max_rss / 2**20:.1f} MiB (limit {MAX_RSS_BYTES / 2**20:.0f})"),
-            ("event store bounded", self.record.max_db < MAX_DB_BYTES, f"max {self.record.max_db / 2**20:.2f} MiB (limit {MAX_DB_BYTES / 2**20:.0f}), {len(events)} events"),
+            ("daemon never died by itself", not v["died"], summary(v["died"]) or "only the run's SIGKILLs"),
+            ("no job lost", not lost, "; ".join(lost) or ", ".join(f"{n} {jobs[n]['state']} ({jobs[n]['restarts']} restarts)" for n in self.kinds)),
+            ("no GPU held by two jobs", not v["gpu"], summary(v["gpu"]) or f"{record.samples} status samples"),
+            ("progress never behind the newest checkpoint", not v["progress"],
+             summary(v["progress"]) or f"{checked} attempts checked against {sum(len(s) for s in record.steps.values())} snapshots read"),
+            ("wedged GPU excluded, back via probation", not v["wedge"], summary(v["wedge"]) or wedges),
+            ("a hang never excludes its GPU", not v["hang"], summary(v["hang"]) or
+             f"{record.outcomes['hang: job_hung events']} hangs, {record.outcomes['hang: GPUs made suspect']} GPUs made suspect, none excluded"),
+            ("repaired GPU in service after include", not v["repair"], summary(v["repair"]) or
+             f"{record.outcomes['include after repair: back in service']} GPUs back after reset + include"),
+            ("corrupt database rebuilt from records", not v["rebuild"], summary(v["rebuild"]) or
+             f"{record.outcomes['corrupt-db: rebuilt from records (state_rebuilt)']} of {record.injected['corrupt-db']} rebuilt"),
+            ("no process left behind", not left and not v["strays"],
+             summary([*(f"pid {p.pid} ({k}) alive at the end" for p, k in left), *v["strays"]])
+             or f"nothing alive after the run ({len(record.grandchildren)} grandchildren seen)"),
+            ("daemon RSS bounded", record.max_rss < MAX_RSS_BYTES, f"max {record.max_rss / 2**20:.1f} MiB (limit {MAX_RSS_BYTES / 2**20:.0f})"),
+            ("event store bounded", record.max_db < MAX_DB_BYTES, f"max {record.max_db / 2**20:.2f} MiB (limit {MAX_DB_BYTES / 2**20:.0f}), {len(events)} events"),
             ("daemon stopped cleanly", stopped == 0, f"exit {stopped}"),
         ]
-        print("\nfaults by class (injected / skipped: no target at that moment)")
-        for fault in sorted(self.faults):
-            print(f"  {fault:<14} {self.record.injected[fault]:>3} / {self.record.skipped[fault]}")
-        if "disk-full" not in self.faults:
-            print("  disk-full      not run (needs --disk-full, root and tmpfs; see the module docstring)")
-        print(f"operator actions: {dict(self.record.heals)}; daemon starts: {self.daemon.starts}")
-        print("jobs:")
-        for name in JOBS:
-            j = jobs.get(name, {})
-            print(f"  {name:<5} {j.get('state', '?'):<10} attempts {j.get('attempt', 0):>3}  restarts {j.get('restarts', 0):>3}  {j.get('reason') or ''}")
-        print("\ninvariant                                     held  detail")
-        for label, ok, detail in rows:
-            print(f"{label:<45} {'yes' if ok else 'NO ':<5} {detail}")
+        record.outcomes["daemon log: job_tick_failed (a job's tick raised)"] += self.daemon.logged("job_tick_failed")
+        starts = f"daemon starts: {self.daemon.starts} ({self.daemon.failed_starts} exited at start and were started again)"
+        print_tables(self.faults, record, jobs, self.kinds, starts, "disk-full" in self.faults, self.unsaved)
+        print_invariants(rows)
         return 0 if all(ok for _, ok, _ in rows) else 1
-
-
-DISK_FULL_S = 3.0
-DISK_SIZE = "64m"
-
-
-def mount_small_disk(path: Path) -> bool:
-    """A tmpfs of its own for the state dir, so filling it harms nothing else."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE},mode=0711", "tmpfs", str(path)], capture_output=True
-    )
-    return done.returncode == 0
-
-
-def fill_for(filler: Path, seconds: float) -> None:
-    """Fill the disk under filler to ENOSPC, and free it again after `seconds`."""
-    chunk = b"\0" * (1 << 20)
-    try:
-        with filler.open("wb") as f:
-            while True:
-                f.write(chunk)
-                f.flush()
-    except OSError:
-        pass
-    threading.Timer(seconds, lambda: filler.unlink(missing_ok=True)).start()
-
-
-def attempts(workdir: Path) -> list[dict[str, Any]]:
-    try:
-        return [json.loads(line) for line in (workdir / "attempts.jsonl").read_text().splitlines() if line]
-    except FileNotFoundError:
-        return []
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -532,16 +538,15 @@ def main(argv: list[str] | None = None) -> int:
     duration = args.duration or (300.0 if args.long else 45.0)
     base = Path(tempfile.mkdtemp(prefix="gpuguard-chaos-"))
     started = time.monotonic()
-    print(f"chaos: seed {args.seed}, {duration:.0f} s, {GPUS} simulated GPUs, jobs {', '.join(JOBS)}; dir {base}", flush=True)
     chaos = Chaos(base, args.seed, duration, disk_full=args.disk_full or args.long)
+    print(f"chaos: seed {args.seed}, {duration:.0f} s, {GPUS} simulated GPUs, jobs {', '.join(chaos.kinds)}; dir {base}", flush=True)
+    code = 1
     try:
         chaos.run()
         code = chaos.verdict()
     finally:
         chaos.daemon.stop()
-        for proc in chaos.trainers():
-            proc.send_signal(signal.SIGCONT)
-            proc.kill()
+        kill_all(run_processes(base, chaos.daemon.state, None))
         if chaos.mounted:
             subprocess.run(["umount", "-l", str(chaos.daemon.state)], check=False)
     print(f"\n{'PASS' if code == 0 else 'FAIL'} in {time.monotonic() - started:.0f} s")

@@ -67,6 +67,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--child-session", action="store_true", help="start a SIGTERM-proof grandchild in a new session")
     p.add_argument("--save-on-term", action="store_true", help="on SIGTERM, save a checkpoint and exit 143")
     p.add_argument("--truncate-on-signal", action="store_true", help="on the signal, leave a half-written checkpoint")
+    p.add_argument("--no-handler", action="store_true", help="install no handler for the checkpoint signal (its default action ends us)")
+    p.add_argument("--tempfail-every", type=int, default=None, help="unasked, save and exit 75 at every K-th step (a restart request)")
     return p.parse_args(argv)
 
 
@@ -100,7 +102,7 @@ def main(argv: list[str]) -> int:
     if args.ignore_signal:
         signal.signal(sig, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    else:
+    elif not args.no_handler:
         signal.signal(sig, on_signal)
     if args.save_on_term:
 
@@ -122,6 +124,10 @@ def main(argv: list[str]) -> int:
             save_atomic(ckpt, step)
         if args.finish_after is not None and step >= args.finish_after:
             return 0
+        if args.tempfail_every and step % args.tempfail_every == 0:
+            if step % args.every:
+                save_atomic(ckpt, step)
+            return EX_TEMPFAIL
 
 
 if __name__ == "__main__":
