@@ -33,7 +33,7 @@ def gpu_facts(pool: Pool) -> dict[str, GpuFacts]:
             holders=tuple(p.pid for p in snap.processes) if snap else (),
             excluded_by=entry.by if entry else None,
             health=verdict.state if verdict else None,
-            suspect=uuid in pool.suspects,
+            suspect=uuid in pool.suspicion.suspects,
         )
     return out
 

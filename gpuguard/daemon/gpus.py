@@ -21,6 +21,7 @@ from gpuguard.actions.hooks import NodeHooks
 from gpuguard.actions.reset import ResetResult, reset_argv, run_reset_command
 from gpuguard.config import Config, ResetConfig
 from gpuguard.daemon.monitor import Monitor, snapshot_metrics
+from gpuguard.daemon.suspicion import Suspicion
 from gpuguard.events import Event, EventKind
 from gpuguard.health.checks import nvml as nvml_check
 from gpuguard.health.types import UNHEALTHY_STATES, Action, GpuState, Severity
@@ -69,10 +70,7 @@ class Pool:
         # the store is the memory; this copy keeps the hot path free of SQL
         self.excluded: dict[str, QuarantineEntry] = store.excluded()
         self._unsaved: dict[str, QuarantineEntry | None] = {}  # quarantine changes the store has not taken yet
-        # hang suspicion: a hang alone is no GPU-side evidence, so it never excludes
-        self.suspects: dict[str, set[str]] = {}  # GPU uuid -> the jobs that hung on it
-        self.hung_on: dict[str, set[str]] = {}  # job -> the GPUs it hung on
-        self._busy_since: dict[str, float] = {}  # suspect GPU -> since when a job runs on it
+        self.suspicion = Suspicion(record, lambda uuid: self.info(uuid).index)
         self.probation: dict[str, float] = {}  # GPU uuid -> when it may return to the pool
         self._node_bad: frozenset[str] | None = None
 
@@ -116,10 +114,9 @@ class Pool:
         changed = self._quarantine(uuid, None)
         if by != BY_GPUGUARD:
             with self.lock:
-                forgotten = bool(self.monitor.tracks[uuid].xids) or uuid in self.suspects or uuid in self.probation
+                forgotten = bool(self.monitor.tracks[uuid].xids) or uuid in self.suspicion.suspects or uuid in self.probation
                 self.monitor.forget(uuid)
-                self.suspects.pop(uuid, None)
-                self._busy_since.pop(uuid, None)
+                self.suspicion.forget(uuid)
                 self.probation.pop(uuid, None)
             changed = changed or forgotten
             self._request_poll()  # the verdict follows at the next evaluation
@@ -161,40 +158,8 @@ class Pool:
             del self._unsaved[uuid]
 
     def job_hung(self, job: str, uuids: Sequence[str]) -> None:
-        """A job hung here. Without GPU-side evidence that makes the GPUs suspect, never
-        excluded: placement avoids them while other GPUs are free. A job that has hung on
-        two different GPUs is itself the cause, and the suspicion it raised is lifted."""
-        seen = self.hung_on.setdefault(job, set())
-        seen.update(uuids)
-        if len(seen) >= 2:
-            for uuid in sorted(seen):
-                self._unsuspect(uuid, job, f"job {job} hung on {len(seen)} different GPUs: the job, not the GPU, is the cause")
-            return
-        for uuid in uuids:
-            if job in self.suspects.setdefault(uuid, set()):
-                continue
-            self.suspects[uuid].add(job)
-            self._record(
-                Event(
-                    kind=EventKind.GPU_SUSPECT, severity=Severity.WARNING, gpu=uuid, job=job,
-                    message=f"GPU {self.info(uuid).index} is suspect: job {job} hung on it (no GPU-side fault seen); "
-                    "jobs go to other GPUs while there are free ones",
-                )
-            )
-
-    def _unsuspect(self, uuid: str, job: str | None, why: str) -> None:
-        """Lift one job's suspicion of a GPU (job None: all of it)."""
-        held = self.suspects.get(uuid)
-        if not held or (job is not None and job not in held):
-            return
-        if job is None:
-            held.clear()
-        else:
-            held.discard(job)
-        if not held:
-            del self.suspects[uuid]
-            self._busy_since.pop(uuid, None)
-            self._record(Event(kind=EventKind.GPU_SUSPICION_LIFTED, severity=Severity.INFO, gpu=uuid, message=f"GPU {self.info(uuid).index} is no longer suspect: {why}"))
+        """A hang alone is no GPU-side evidence: it makes the GPUs suspect (suspicion.py)."""
+        self.suspicion.hung(job, uuids)
 
     def node_unhealthy(self, reason: str) -> None:
         """The node itself needs attention (a reboot-class fault)."""
@@ -316,7 +281,7 @@ class Pool:
             self._save_quarantine()
         self._wedges(now)
         self._end_probations(now)
-        self._end_suspicions(now, jobs_on)
+        self.suspicion.tick(now, jobs_on, self._config().jobs.stable_after_s)
         self._node_hooks(jobs_on)
 
     def _wedges(self, now: float) -> None:
@@ -339,17 +304,6 @@ class Pool:
             ):  # fmt: skip
                 self.probation[uuid] = now + probation_s
                 log.info("gpu_probation", gpu_uuid=uuid, why="NVML answers again", probation_s=probation_s)
-
-    def _end_suspicions(self, now: float, jobs_on: JobsOn) -> None:
-        """A suspect GPU that runs a job for [jobs] stable_after_s without a hang is cleared."""
-        stable = self._config().jobs.stable_after_s
-        for uuid in list(self.suspects):
-            if not jobs_on(uuid):
-                self._busy_since.pop(uuid, None)
-                continue
-            since = self._busy_since.setdefault(uuid, now)
-            if now - since >= stable:
-                self._unsuspect(uuid, None, f"a job ran on it for {stable:g}s without a hang")
 
     def _end_probations(self, now: float) -> None:
         for uuid, until in list(self.probation.items()):
@@ -411,7 +365,7 @@ class Pool:
                         for f in (verdict.findings if verdict else ())
                     ],
                     "excluded": uuid in self.excluded,
-                    "suspect": sorted(self.suspects.get(uuid, ())),  # jobs that hung on it
+                    "suspect": sorted(self.suspicion.suspects.get(uuid, ())),  # jobs that hung on it
                     "serial": track.info.serial,
                 }
                 entry.update(snapshot_metrics(track.snapshot))
