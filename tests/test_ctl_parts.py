@@ -17,7 +17,7 @@ from typing import Any, cast
 import pytest
 from structlog.testing import capture_logs
 
-from control import serving  # tests/control, a package beside this file
+from control import FakeController, serving  # tests/control, a package beside this file
 
 from gpuguard import __version__
 from gpuguard.ctl import main
@@ -156,3 +156,16 @@ def test_the_daemon_orders_events_by_time_then_id(tmp_path: Path) -> None:
         assert kinds(limit=0) == []
     finally:
         store.close()
+
+
+def test_events_says_when_older_ones_exist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The default shows the newest 100: a hint on stderr says older ones exist and how to get them."""
+    fake = FakeController()
+    fake.events_list = [dict(fake.events_list[0], message=f"event {n}") for n in range(150)]
+    with serving(tmp_path, fake) as (_, sock):
+        assert main(["--socket", str(sock), "events"]) == 0
+        out, err = capsys.readouterr()
+        assert out.count("event ") == 100 and "showing the newest 100 events" in err
+        assert main(["--socket", str(sock), "events", "--limit", "200"]) == 0
+        out, err = capsys.readouterr()
+        assert out.count("event ") == 150 and "showing the newest" not in err

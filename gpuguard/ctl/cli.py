@@ -92,4 +92,7 @@ def _run(args: argparse.Namespace, daemon: Daemon, request_args: dict[str, Any])
             print_reply(args, result)
             sys.stdout.flush()
         return wait_for_job(args.name, daemon, as_json=args.json)
+    if args.command == "events" and args.limit is None and not args.json and len(result) >= request_args["limit"]:
+        # the default shows the newest only: say that older ones exist and how to get them
+        warn(f"showing the newest {len(result)} events; older ones with --limit N or --since TIME|ID")
     return OUTPUT[args.command](args, result)
