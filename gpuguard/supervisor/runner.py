@@ -109,19 +109,19 @@ class JobRunner(ExitHandling):
                 self.say(job, EventKind.JOB_WAITING, Severity.WARNING, f"job {job.name} is waiting: it needs {needs} healthy GPU(s) and none can take it now")
                 self.persist(job)
             return
-        if not self._released(job, gpus, now):
-            return  # the next tick looks again
         if job.state == JobState.WAITING:
             job.attempt.state = transition(job.state, JobEvent.GPUS_FREE)
         job.rt.waiting_reported = False
-        previous = job.attempt.gpus
+        # the GPUs are the job's from here (a starting job holds them), also while it waits to
+        # start on them: its previous ones may meanwhile belong to another job
         job.attempt.gpus = gpus
+        if not self._released(job, gpus, now):
+            return  # the next tick looks again
         job.attempt.number += 1
         if not self.persist(job):
             # an attempt the record does not know could run twice after a daemon restart:
             # none starts until its record is saved (a full disk); the next tick tries again
             job.attempt.number -= 1
-            job.attempt.gpus = previous
             return
         resume = self.intake.resume_from(job)
         try:
