@@ -171,7 +171,9 @@ class SnapshotRing:
             tmp = jobdir / f"{_TMP_PREFIX}{uuid.uuid4().hex}.pt"
             try:
                 jobdir.mkdir(exist_ok=True)
+                jobdir.chmod(0o711)  # whatever the daemon's umask: the job reaches its files, lists none
                 copy = copy_validated(src_fd, tmp)
+                _hand_to(tmp, job_user)
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
                 reason = "disk full" if exc.errno in _DISK_FULL else f"copy failed: {exc.strerror or exc}"
@@ -386,3 +388,12 @@ def _remove_snapshot(snap: Snapshot) -> None:
     """The snapshot before its sidecar, so a crash between leaves only an orphan sidecar."""
     snap.path.unlink(missing_ok=True)
     snap.path.with_suffix(".json").unlink(missing_ok=True)
+
+
+def _hand_to(path: Path, user: UserSpec | None) -> None:
+    """The job must read the snapshot it resumes from (GPUGUARD_RESUME_FROM), whatever
+    the daemon's umask (the unit's is 0027), and no other user may: 0600, owned by the
+    job's user. Its sha256 is checked at every hand-out, so the job owning it changes nothing."""
+    if user is not None and user.uid != 0 and os.geteuid() == 0:
+        os.chown(path, user.uid, user.gid)
+    os.chmod(path, 0o600)

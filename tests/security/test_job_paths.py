@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.conftest import open_dir  # noqa: F401  (fixture: a directory nobody can reach)
+from daemon.conftest import as_nobody, open_dir  # noqa: F401  (open_dir: a directory nobody can reach)
 from gpuguard.events import EventKind
 from gpuguard.health.types import Severity
 from gpuguard.supervisor.files import JobFiles
@@ -259,3 +260,28 @@ def test_a_long_copy_on_the_watcher_does_not_hold_up_the_tick(
         assert other.checkpoint == open_dir / "other.pt"
     finally:
         release.set()
+
+
+def test_the_job_can_read_its_snapshot_under_the_units_umask_and_nobody_else_can(open_dir: Path) -> None:
+    """The unit runs the daemon with UMask=0027: a snapshot must still be readable by its job
+    (GPUGUARD_RESUME_FROM), and by no other user."""
+    open_dir.chmod(0o711)
+    work = open_dir / "w"  # the job's own files, made before the daemon's umask applies
+    work.mkdir(mode=0o755)
+    make_checkpoint(work / "last.pt")
+    os.chown(work / "last.pt", *NOBODY_IDS)
+    old = os.umask(0o027)
+    try:
+        ring = SnapshotRing(open_dir / "snapshots", max_bytes=10**9)
+        (open_dir / "snapshots").chmod(0o711)  # as the daemon makes it
+        result = ring.add("j", work / "last.pt", job_workdir=work, job_user=AS_NOBODY)
+    finally:
+        os.umask(old)
+    assert result.snapshot is not None, result.reason
+    path = result.snapshot.path
+    st = path.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (NOBODY.pw_uid, 0o600)
+    reader = ["/usr/bin/head", "-c", "1", str(path)]
+    assert as_nobody(reader).returncode == 0  # the job's user reads it
+    other = subprocess.run(reader, user=4242, group=4242, extra_groups=[], capture_output=True, timeout=30)
+    assert other.returncode != 0  # another user does not
