@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -186,9 +188,48 @@ def answered_once_free(path: Path, cmd: str = "check") -> dict[str, Any]:
             time.sleep(0.02)
 
 
+def quick_lane_reply(path: Path, line: bytes) -> dict[str, Any]:
+    """The quick lane's reply to `line`, once the lane is free again (the previous quick
+    connection frees its slot a moment after the client sees the close)."""
+    deadline = time.monotonic() + 5
+    while True:
+        with connect(path) as quick:
+            quick.sendall(line)
+            reply = read_reply(quick)
+        if "too many control connections" not in reply.get("error", "") or time.monotonic() > deadline:
+            return reply
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def holding_the_quick_lane(path: Path) -> Iterator[socket.socket]:
+    """A connection admitted to the quick lane and kept there (half a request line): one
+    refused while the lane's last slot was still being freed is tried again."""
+    deadline = time.monotonic() + 5
+    while True:
+        conn = connect(path)
+        conn.sendall(b"{")
+        conn.settimeout(0.3)
+        try:
+            conn.recv(1)  # a reply (busy) or a close: not admitted
+            refused = True
+        except TimeoutError:
+            refused = False  # admitted: it waits for the rest of its line
+        if not refused:
+            break
+        conn.close()
+        assert time.monotonic() < deadline, "the quick lane never came free"
+        time.sleep(0.02)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
 def test_beyond_the_limits_the_answer_is_busy(tmp_path: Path) -> None:
     limits = Limits(total=2, per_uid=2, root_reserved=0, quick=1, quick_per_uid=1)
-    with serving(tmp_path, limits=limits) as (_, path):
+    # a and b hold the full lane for the whole test: their first-line deadline must not free it
+    with serving(tmp_path, limits=limits, request_timeout_s=30) as (_, path):
         with connect(path) as a, connect(path) as b:
             a.sendall(b"{")
             b.sendall(b"{")
@@ -197,14 +238,9 @@ def test_beyond_the_limits_the_answer_is_busy(tmp_path: Path) -> None:
                 assert read_reply(quick)["result"]["status"] == "healthy"
                 assert closed(quick)
             assert answered_once_free(path, "status")["daemon"]["backend"] == "simulated"
-            answered_once_free(path)
-            with connect(path) as quick:  # ... and nothing that changes anything
-                quick.sendall(encode_request("exclude", {"gpu": "0"}))
-                reply = read_reply(quick)
-                assert reply["code"] == "busy" and "only check and status are answered now" in reply["error"]
-            answered_once_free(path)
-            with connect(path) as c:  # both lanes taken: busy at once
-                c.sendall(b"{")
+            reply = quick_lane_reply(path, encode_request("exclude", {"gpu": "0"}))  # ... and nothing that changes anything
+            assert reply.get("code") == "busy" and "only check and status are answered now" in reply["error"], reply
+            with holding_the_quick_lane(path):  # both lanes taken: busy at once
                 with pytest.raises(CommandFailed) as info:
                     request(path, "status", {})
                 assert info.value.code == "busy" and "too many control connections" in info.value.message
