@@ -70,6 +70,7 @@ class Pool:
         # the store is the memory; this copy keeps the hot path free of SQL
         self.excluded: dict[str, QuarantineEntry] = store.excluded()
         self._unsaved: dict[str, QuarantineEntry | None] = {}  # quarantine changes the store has not taken yet
+        self._save_lock = threading.Lock()  # a leaf: nothing else is taken under it but the store's own
         self.suspicion = Suspicion(record, lambda uuid: self.info(uuid).index)
         self.probation: dict[str, float] = {}  # GPU uuid -> when it may return to the pool
         self._node_bad: frozenset[str] | None = None
@@ -134,18 +135,20 @@ class Pool:
         """Exclude (entry) or include (None) a GPU: in memory at once, so the decision
         holds even when the store cannot save it (a full disk); saving is retried each
         tick until it succeeds. True when the GPU's quarantine changed."""
-        changed = (uuid in self.excluded) if entry is None else True
-        excluded = dict(self.excluded)
-        if entry is None:
-            excluded.pop(uuid, None)
-        else:
-            excluded[uuid] = entry
-        self.excluded = excluded
-        self._unsaved[uuid] = entry
-        self._save_quarantine()
+        with self._save_lock:  # the control socket's threads and the main loop both come here
+            changed = (uuid in self.excluded) if entry is None else True
+            excluded = dict(self.excluded)
+            if entry is None:
+                excluded.pop(uuid, None)
+            else:
+                excluded[uuid] = entry
+            self.excluded = excluded
+            self._unsaved[uuid] = entry
+            self._save_quarantine()
         return changed
 
     def _save_quarantine(self) -> None:
+        """Hand the store what it has not taken yet; the caller holds _save_lock."""
         for uuid, entry in list(self._unsaved.items()):
             try:
                 if entry is None:
@@ -155,7 +158,8 @@ class Pool:
             except StoreError as exc:
                 log.error("quarantine_not_saved", gpu_uuid=uuid, error=str(exc), detail="kept in memory; retried each tick")
                 return
-            del self._unsaved[uuid]
+            if self._unsaved.get(uuid) is entry:
+                del self._unsaved[uuid]
 
     def job_hung(self, job: str, uuids: Sequence[str]) -> None:
         """A hang alone is no GPU-side evidence: it makes the GPUs suspect (suspicion.py)."""
@@ -278,7 +282,8 @@ class Pool:
         """End probations that are over, lift suspicions a stable run disproved, run
         the node hooks when the unfit set changed."""
         if self._unsaved:
-            self._save_quarantine()
+            with self._save_lock:
+                self._save_quarantine()
         self._wedges(now)
         self._end_probations(now)
         self.suspicion.tick(now, jobs_on, self._config().jobs.stable_after_s)

@@ -242,7 +242,10 @@ class Daemon:
                 for event in self.monitor.evaluate(now):
                     self.record(event)
                 self.supervisor.tick(now, gpu_facts(self.pool))
-                self.pool.tick(now, self.supervisor.jobs_on)
+                try:
+                    self.pool.tick(now, self.supervisor.jobs_on)
+                except Exception:  # a bug in one of the pool's rules must not end detection
+                    log.exception("pool_tick_failed")
             if not ready and self.last_poll_at is not None:
                 ready = True
                 sdnotify.notify("READY=1\nSTATUS=" + self.summary())

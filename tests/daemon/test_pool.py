@@ -510,3 +510,33 @@ def test_an_include_on_a_full_disk_does_not_end_the_daemon(node: Node, monkeypat
     monkeypatch.undo()
     node.step()
     assert gpu1 not in node.store.excluded()
+
+
+def test_exclusions_from_the_socket_and_the_main_loop_at_once_never_raise(node: Node) -> None:
+    """The control socket's threads and the main loop's tick both save quarantine changes
+    (a CI run caught the daemon dying of a KeyError when they met)."""
+    gpu1 = node.uuids[1]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def socket_side() -> None:
+        try:
+            while not stop.is_set():
+                node.pool.exclude(gpu1, "by hand", by="uid 0 (pid 1)")
+                node.pool.include(gpu1, by="uid 0 (pid 1)")
+        except BaseException as exc:  # noqa: BLE001 - the test reports whatever it was
+            errors.append(exc)
+
+    threads = [threading.Thread(target=socket_side) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            node.pool._unsaved.setdefault(gpu1, None)  # as a change the store refused would leave it
+            node.tick()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert errors == [] and not any(t.is_alive() for t in threads)
