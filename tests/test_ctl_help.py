@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from daemon.conftest import BIN, DaemonProc, daemon  # noqa: F401  (daemon: the fixture)
+from harness import BIN, DaemonProc
 from gpuguard import contract
 from gpuguard.ctl.completion import every_action
 from gpuguard.ctl.parser import build_parser

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from daemon.conftest import BIN, DaemonProc, daemon, wait_until  # noqa: F401  (daemon: the fixture)
+from harness import BIN, DaemonProc, wait_until
 from gpuguard.ctl.common import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 
 WAIT_S = 15.0  # the bound on every wait for something the daemon does

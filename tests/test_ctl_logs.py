@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daemon.conftest import DaemonProc, as_nobody, daemon, nobody_python, open_dir, wait_until  # noqa: F401
+from harness import DaemonProc, as_nobody, wait_until
 from test_ctl_live import WAIT_S, Running  # the helpers beside this file
 
 # prints 1..15, then waits (at most 30 s) for the file `go` before two more lines

@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from daemon.conftest import REPO, DaemonProc, daemon, wait_until  # noqa: F401  (daemon: the fixture)
+from harness import REPO, DaemonProc, wait_until
 
 TRAINER = REPO / "tests" / "supervisor" / "jobs" / "trainer.py"
 WAIT_S = 20.0

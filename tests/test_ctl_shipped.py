@@ -13,7 +13,7 @@ import tomllib
 
 import pytest
 
-from daemon.conftest import BIN, REPO, DaemonProc, daemon  # noqa: F401  (daemon: the fixture)
+from harness import BIN, REPO, DaemonProc
 from gpuguard.ctl import generate
 from gpuguard.ctl.completion import FILES
 from gpuguard.ctl.parser import SHELLS

@@ -16,7 +16,7 @@ import termios
 import time
 from pathlib import Path
 
-from daemon.conftest import BIN, DaemonProc, daemon  # noqa: F401  (daemon: the fixture)
+from harness import BIN, DaemonProc
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 LONG_NAME = "a-training-run-with-a-name-as-long-as-the-contract-allows-64-chr"

@@ -70,6 +70,28 @@ class JobRecords(Protocol):
     def put_job(self, name: str, record: dict[str, Any]) -> None: ...
 
 
+class SnapshotStore(Protocol):
+    """Shared checkpoint storage (`[storage] url`): validated snapshots are uploaded in the
+    background, so a job can go on on another node. The storage package implements it."""
+
+    @property
+    def configured(self) -> bool:
+        """False when no `[storage] url` is set: snapshots stay local only."""
+
+    def wait_stored(self, job: str, snapshot_id: str, timeout_s: float) -> bool:
+        """Block (a worker thread, never the tick) until that snapshot is in the store;
+        False when the time runs out. True at once when no store is configured."""
+
+
+class NoStorage:
+    """No `[storage] url`: every snapshot counts as stored (there is nowhere else to put it)."""
+
+    configured = False
+
+    def wait_stored(self, job: str, snapshot_id: str, timeout_s: float) -> bool:
+        return True
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """The live settings the supervisor reads (a SIGHUP reload changes them);
@@ -101,3 +123,4 @@ class Ports:
     # fresh facts for requests that arrive between ticks; it takes the daemon's lock,
     # so it is never called under the supervisor's (the tick holds them in that order)
     facts: Callable[[], Facts]
+    storage: SnapshotStore = NoStorage()

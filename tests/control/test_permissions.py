@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from daemon.conftest import NOBODY, as_nobody, nobody_python, open_dir  # noqa: F401 (fixtures)
+from harness import NOBODY, as_nobody
 
 from . import FakeController, serving
 

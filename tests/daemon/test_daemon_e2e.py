@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.conftest import BIN, DaemonProc
+from harness import BIN, DaemonProc
 from gpuguard.control.client import request
 
 GPU_STATES = {"healthy", "degraded", "faulted", "excluded", "resetting", "unknown"}

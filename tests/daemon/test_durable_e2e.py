@@ -11,7 +11,7 @@ from typing import Any
 
 import psutil
 
-from daemon.conftest import DaemonProc, gone, wait_until
+from harness import DaemonProc, gone, wait_until
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
 

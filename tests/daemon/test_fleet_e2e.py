@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.conftest import DaemonProc
+from harness import DaemonProc
 
 
 def _free_port() -> int:

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from daemon.conftest import DaemonProc
+from harness import DaemonProc
 
 CONFIG = (
     "[health]\nnvml_wedged_after_s = 1.5\n"

@@ -7,7 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from daemon.conftest import BIN, DaemonProc
+from harness import BIN, DaemonProc
 
 
 def test_a_second_daemon_on_the_same_state_dir_exits_2_naming_the_holder(daemon: DaemonProc, tmp_path: Path) -> None:

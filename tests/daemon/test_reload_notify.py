@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.conftest import DaemonProc, wait_until
+from harness import DaemonProc, wait_until
 
 
 class Listener:

@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
-from daemon.conftest import BIN, DaemonProc, gone, wait_until
+from harness import BIN, DaemonProc, gone, wait_until
 from gpuguard.store import EventStore
 
 FAST_STOP = "[jobs]\ncheckpoint_grace_s = 0.5\nstop_timeout_s = 0.5\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.conftest import DaemonProc, wait_until
+from harness import DaemonProc, wait_until
 
 RESET_S = 6.0
 WATCHDOG_WINDOW_S = 2.0  # WATCHDOG_USEC=2000000: systemd would kill after 2 s without a ping

@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
-from daemon.conftest import DaemonProc, gone, wait_until
+from harness import DaemonProc, gone, wait_until
 
 torch = pytest.importorskip("torch")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from daemon.conftest import BIN, DaemonProc
+from harness import BIN, DaemonProc
 from gpuguard import demo
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.conftest import DaemonProc
+from harness import DaemonProc
 
 CHAOS = Path(__file__).resolve().parents[2] / "bench" / "chaos.py"
 TRAINER = Path(__file__).resolve().parents[1] / "supervisor" / "jobs" / "trainer.py"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.conftest import DaemonProc
+from harness import DaemonProc
 from gpuguard.control.client import request
 
 CLIENTS = 50

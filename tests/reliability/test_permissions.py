@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.conftest import BIN, DaemonProc
+from harness import BIN, DaemonProc
 from gpuguard.config import ConfigError, load
 from supervisor.jobs.trainer import save_atomic
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from daemon.conftest import open_dir  # noqa: F401  (fixture: a directory nobody can reach)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to lower a score and start jobs as nobody")
 

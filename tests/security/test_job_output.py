@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.conftest import NOBODY, as_nobody, open_dir  # noqa: F401  (open_dir: fixture)
+from harness import NOBODY, as_nobody
 from gpuguard.supervisor import exitcode
 from gpuguard.supervisor.files import JobFiles
 from gpuguard.supervisor.job import Job

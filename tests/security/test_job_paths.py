@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.conftest import as_nobody, open_dir  # noqa: F401  (open_dir: a directory nobody can reach)
+from harness import as_nobody
 from gpuguard.events import EventKind
 from gpuguard.health.types import Severity
 from gpuguard.supervisor.files import JobFiles

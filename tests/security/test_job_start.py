@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daemon.conftest import open_dir  # noqa: F401  (fixture: a directory nobody can reach)
+
 from gpuguard.supervisor import exitcode
 from gpuguard.supervisor.process import WRAPPER_ENV, UserSpec, spawn
 

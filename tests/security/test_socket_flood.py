@@ -6,7 +6,7 @@ churns connect/close in a loop, both on this test's own socket; meanwhile
 once nobody's connections have sat idle past the request deadline, nobody's
 own slots are free again although it still holds every socket open. The
 tests run as root, so the abusers run as nobody in subprocesses (see
-tests/daemon/conftest.py)."""
+tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from control import FakeController, serving  # tests/control, a package beside this one
-from daemon.conftest import NOBODY, NOBODY_ENV, nobody_python, open_dir  # noqa: F401 (fixtures)
+from harness import NOBODY, NOBODY_ENV
 from gpuguard.control.client import request
 from gpuguard.control.limits import Limits
 

@@ -15,7 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from control import FakeController, serving  # tests/control, a package beside this one
-from daemon.conftest import DaemonProc
+from harness import DaemonProc
 
 RUN = {"name": "train", "command": ["python", "train.py"], "workdir": "/tmp"}
 

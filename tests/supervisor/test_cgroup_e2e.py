@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daemon.conftest import DaemonProc, gone, wait_until
+from harness import DaemonProc, gone, wait_until
 from gpuguard.supervisor import cgroup
 
 from .test_cgroup import escaping_job, needs_cgroup  # noqa: F401

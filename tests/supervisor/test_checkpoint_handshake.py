@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from daemon.conftest import DaemonProc
+from harness import DaemonProc
 
 FAST = "[jobs]\ncheckpoint_grace_s = 5\nstop_timeout_s = 2\n"
 NO_HANDLER = "import time\nopen('started', 'w').close()\ntime.sleep(120)\n"

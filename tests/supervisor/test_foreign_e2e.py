@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 import pytest
 
-from daemon.conftest import DaemonProc, wait_until
+from harness import DaemonProc, wait_until
 
 AGENT = "gg-test-agent"  # the argv[0] of a process put on the never-signal list by a config reload
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from daemon.conftest import DaemonProc
+from harness import DaemonProc
 
 JOB = """
 import os, pathlib, signal, sys, time

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from daemon.conftest import DaemonProc
+from harness import DaemonProc
 
 FAST = (
     "hang_timeout_s = 1.0\nhang_startup_timeout_s = 1.0\n"

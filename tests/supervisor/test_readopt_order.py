@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from daemon.conftest import DaemonProc, wait_until
+from harness import DaemonProc, wait_until
 from gpuguard.store import EventStore
 
 from .test_supervisor_e2e import polls_after

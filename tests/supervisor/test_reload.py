@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from daemon.conftest import DaemonProc, wait_until
+from harness import DaemonProc, wait_until
 
 from .test_supervisor_e2e import polls_after
 

@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
-from daemon.conftest import NOBODY, DaemonProc, as_nobody, gone, nobody_python, open_dir, wait_until  # noqa: F401
+from harness import NOBODY, DaemonProc, as_nobody, gone, wait_until
 
 from .jobs.trainer import ATTEMPTS, read_step
 

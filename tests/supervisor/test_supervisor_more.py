@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.conftest import DaemonProc, wait_until
+from harness import DaemonProc, wait_until
 
 from .jobs.trainer import read_step
 from .test_supervisor_e2e import FAST, TRAINER, job_view, polls_after, run_trainer, running_attempt, uuid_of

@@ -1,4 +1,8 @@
-"""A real gpuguardd process on simulated GPUs, driven through gpuguardctl."""
+"""The tests' one harness: a real gpuguardd on simulated GPUs driven through gpuguardctl,
+acting as another user, and the one way to wait for a condition.
+
+Plain helpers, imported as `from harness import ...`; the fixtures built on them are in
+tests/conftest.py (pytest hands those to every test by name)."""
 
 from __future__ import annotations
 
@@ -17,10 +21,9 @@ from typing import Any, TypeVar
 
 import psutil
 
-import pytest
 
 BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
 
 # Acting as another user: the tests run as root, so clients and jobs of an
@@ -35,32 +38,6 @@ def as_nobody(args: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
         args, user=NOBODY.pw_uid, group=NOBODY.pw_gid, extra_groups=[], env=NOBODY_ENV, cwd="/",
         capture_output=True, text=True, timeout=30, **kw,
     )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def nobody_python() -> str:
-    """An interpreter nobody may run that imports gpuguard's client side."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to act as nobody")
-    system = shutil.which("python3", path=NOBODY_ENV["PATH"]) or ""
-    for exe in dict.fromkeys([sys.executable, os.path.realpath(sys.executable), system]):
-        try:
-            if exe and as_nobody([exe, "-c", "import gpuguard.ctl, gpuguard.control.client"]).returncode == 0:
-                return exe
-        except OSError:
-            continue
-    pytest.skip("no Python interpreter that user nobody may run")
-
-
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A directory nobody can reach (pytest's tmp_path sits under a 0700 one)."""
-    path = Path(tempfile.mkdtemp(prefix="gpuguard-open-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path)
 
 
 def wait_until(probe: Callable[[], T], timeout_s: float, what: str, interval: float = 0.05) -> T:
@@ -169,9 +146,3 @@ class DaemonProc:
         raise AssertionError(f"timed out waiting for {what}; last status: {json.dumps(self.status(), indent=1)[:3000]}")
 
 
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[DaemonProc]:
-    proc = DaemonProc(tmp_path)
-    proc.start()
-    yield proc
-    proc.stop()
