@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo venv clean chaos bench dist install uninstall
+.PHONY: test demo venv clean chaos bench dist install uninstall coverage
 
 venv: $(STAMP)
 
@@ -52,6 +52,14 @@ install:
 
 uninstall:
 	DESTDIR='$(DESTDIR)' bash deploy/uninstall.sh $(UNINSTALL_ARGS)
+
+# Line coverage of gpuguard/ from the whole suite, the daemons and CLIs the tests start
+# included ([tool.coverage] in pyproject); docs/RELIABILITY.md "Coverage" has the last figures.
+coverage: $(STAMP)
+	rm -rf build/coverage && mkdir -p build/coverage
+	$(PY) -m coverage run -m pytest -q -m 'not cluster' -p no:cacheprovider || true
+	$(PY) -m coverage combine -q
+	$(PY) -m coverage report --sort=cover | tee build/coverage/report.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
