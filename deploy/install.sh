@@ -21,17 +21,8 @@
 set -euo pipefail
 
 SRC=$(cd "$(dirname "$0")/.." && pwd)
-D=${DESTDIR:-}
-D=${D%/}
-VENV=/opt/gpuguard
-GROUP=gpuguard
-
-say() { printf '==> %s\n' "$*"; }
-note() { printf '    %s\n' "$*"; }
-die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
-host() { # a change to the running system: done, or only shown under DESTDIR
-    if [ -n "$D" ]; then note "DESTDIR: would run: $*"; else note "$*"; "$@"; fi
-}
+# shellcheck source=deploy/lib.sh
+. "$SRC/deploy/lib.sh"   # D, VENV, GROUP; say, note, die, host, usage, need_root
 
 extras='' python='' wheel=''
 pip_opts=()
@@ -41,7 +32,7 @@ while [ $# -gt 0 ]; do
         --find-links) pip_opts+=(--find-links "${2:?--find-links needs a folder}"); shift 2 ;;
         --no-index) pip_opts+=(--no-index); shift ;;
         --python) python=${2:?--python needs an interpreter}; shift 2 ;;
-        -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) usage; exit 0 ;;
         -*) die "unknown option $1 (see --help)" ;;
         *) [ -z "$wheel" ] || die "one wheel only"; wheel=$1; shift ;;
     esac
@@ -56,7 +47,7 @@ case ${wheel##*/} in
     gpuguard-*.whl) [ -f "$wheel" ] || die "no such file: $wheel" ;;
     *) die "not a gpuguard wheel: $wheel" ;;
 esac
-[ -n "$D" ] || [ "$(id -u)" -eq 0 ] || die "run as root (or set DESTDIR)"
+need_root
 for cmd in gpuguardd gpuguardctl; do
     link=$D/usr/local/bin/$cmd
     [ ! -e "$link" ] || [ -L "$link" ] || die "$link exists and is not a symlink: remove it first"

@@ -10,17 +10,9 @@
 # `gpuguard` group. DESTDIR=/some/root works under that root, as install.sh does.
 set -euo pipefail
 
-D=${DESTDIR:-}
-D=${D%/}
-VENV=/opt/gpuguard
-GROUP=gpuguard
+# shellcheck source=deploy/lib.sh
+. "$(dirname "$0")/lib.sh"   # D, VENV, GROUP; say, note, die, host, usage, need_root
 
-say() { printf '==> %s\n' "$*"; }
-note() { printf '    %s\n' "$*"; }
-die() { printf 'uninstall.sh: %s\n' "$*" >&2; exit 1; }
-host() { # a change to the running system: done, or only shown under DESTDIR
-    if [ -n "$D" ]; then note "DESTDIR: would run: $*"; else note "$*"; "$@"; fi
-}
 gone() { # remove files or folders, naming each one that was there
     local p
     for p in "$@"; do
@@ -32,10 +24,10 @@ purge=no
 case ${1:-} in
     "") ;;
     --purge) purge=yes ;;
-    -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
 esac
-[ -n "$D" ] || [ "$(id -u)" -eq 0 ] || die "run as root (or set DESTDIR)"
+need_root
 systemd=no
 [ -z "$D" ] && [ -d /run/systemd/system ] && systemd=yes
 
