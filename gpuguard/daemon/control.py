@@ -68,6 +68,9 @@ class DaemonController:
         if not bad:
             return {"status": "healthy", "message": f"gpuguard: all {len(gpus)} GPU(s) healthy"}
         parts = [f"GPU {g['index']} ({g['uuid']}) {g['state']}: {_why(g)}" for g in bad]
+        if len(bad) > 1:
+            # NPD keeps 512 bytes of it and Slurm's drain reason fewer: which GPUs comes first
+            parts.insert(0, f"{len(bad)} of {len(gpus)} GPUs unhealthy ({', '.join(str(g['index']) for g in bad)})")
         return {"status": "unhealthy", "message": "gpuguard: " + "; ".join(parts)}
 
     def healthy(self) -> list[dict[str, Any]]:
