@@ -34,6 +34,8 @@ SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "
 # placeholders a `[reset] command` and the node hooks may use
 RESET_PLACEHOLDERS = ("uuid", "index", "pci_bus_id")
 HOOK_PLACEHOLDERS = ("hostname", "reason", "gpus", "uuids", "state")
+# placeholders the [slurm] drain and requeue commands may use
+SLURM_PLACEHOLDERS = ("node", "job_id", "reason")
 
 
 def valid_job_name(name: object) -> bool:

@@ -59,6 +59,13 @@ class EventKind(enum.StrEnum):
     SNAPSHOT_SAVED = "snapshot_saved"
     SNAPSHOT_REJECTED = "snapshot_rejected"
     SNAPSHOT_CORRUPT = "snapshot_corrupt"  # a kept snapshot no longer matches its sha256: skipped
+    # shared checkpoint storage ([storage] url)
+    SNAPSHOT_UPLOADED = "snapshot_uploaded"
+    STORAGE_UNAVAILABLE = "storage_unavailable"  # once per outage: uploads wait and are retried
+    STORAGE_RECOVERED = "storage_recovered"
+    SNAPSHOT_FETCHED = "snapshot_fetched"  # a job's first start got a stored snapshot newer than any local one
+    STORED_SNAPSHOT_CORRUPT = "stored_snapshot_corrupt"  # refused (sha256 or zip); the next older one is tried
+    SNAPSHOT_FETCH_FAILED = "snapshot_fetch_failed"  # no stored snapshot in time: the job starts without
     NODE_HOOK = "node_hook"
     # a process gpuguard did not start holds a faulted GPU and was left unsignalled
     FOREIGN_NOT_SIGNALLED = "foreign_not_signalled"
@@ -66,6 +73,13 @@ class EventKind(enum.StrEnum):
     CHECKPOINT_UNSUPPORTED = "checkpoint_unsupported"
     # the database was lost or corrupt at start: jobs and quarantine rebuilt from the records files
     STATE_REBUILT = "state_rebuilt"
+    # handing a job back to Slurm ([slurm]): it cannot go on on this node
+    JOB_HANDOFF = "job_handoff"  # stopped with its checkpoint; being handed back
+    HANDOFF_UNSTORED = "handoff_unstored"  # its newest snapshot was not stored in time: requeued anyway
+    NODE_DRAINED = "node_drained"
+    SLURM_DRAIN_FAILED = "slurm_drain_failed"
+    JOB_REQUEUED = "job_requeued"  # the scheduler took it back; it ends on this node
+    SLURM_REQUEUE_FAILED = "slurm_requeue_failed"  # it stays here, waiting for healthy GPUs
 
 
 # keys of to_json() that an event's `data` may not replace

@@ -26,6 +26,8 @@ LAYERS: dict[str, int] = {
     "gpuguard.sdnotify": 0,
     "gpuguard.logs": 0,
     "gpuguard.config": 1,
+    # the storage url's parser: pure, so the config's checks use it
+    "gpuguard.storage.url": 1,
     # sources
     "gpuguard.nvml": 2,
     "gpuguard.sim": 2,
@@ -37,6 +39,8 @@ LAYERS: dict[str, int] = {
     "gpuguard.actions": 4,
     "gpuguard.supervisor": 4,
     "gpuguard.control": 4,
+    # shared checkpoint storage: the supervisor sees it only through ports.SnapshotStore
+    "gpuguard.storage": 4,
     # the wiring
     "gpuguard.daemon": 5,
     "gpuguard.metrics": 5,
@@ -104,6 +108,7 @@ def test_the_supervisor_never_reaches_into_the_daemon() -> None:
     wrong = [f"{m} imports {d}" for m, deps in graph().items() if m.startswith("gpuguard.supervisor") for d in deps if d.startswith("gpuguard.daemon")]
     assert wrong == []
     ports = graph()["gpuguard.supervisor.ports"]
+    assert not [f"{m} imports {d}" for m, deps in graph().items() if m.startswith("gpuguard.supervisor") for d in deps if d.startswith("gpuguard.storage")]
     assert ports <= PORTS_MAY_IMPORT, ports - PORTS_MAY_IMPORT
 
 

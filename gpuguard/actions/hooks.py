@@ -1,21 +1,15 @@
 """Node hooks: the operator's commands for "this node turned unhealthy" and
 "it recovered" (drain it in Slurm, page someone, label the node).
 
-A hook is an argv template from the config. Each argument is filled in with
-str.format_map and handed to exec directly, never to a shell, so text from
-a fault (an Xid message, an operator's exclude reason) only ever becomes one
-whole argument. Hooks run on their own thread under a timeout: a slow
-`scontrol` must not hold up health checks. Each run is recorded as one
-`node_hook` event.
+A hook is an argv template from the config, filled in and run by
+`actions/argv.py`: never through a shell, so text from a fault (an Xid
+message, an operator's exclude reason) only ever becomes one whole argument.
+Hooks run on their own thread under a timeout: a slow `scontrol` must not
+hold up health checks. Each run is recorded as one `node_hook` event.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,31 +17,14 @@ from typing import Any
 
 import structlog
 
+from gpuguard.actions.argv import ArgvRun, fill_argv, run_argv, short_hostname
 from gpuguard.config import HooksConfig
 from gpuguard.events import Event, EventKind
 from gpuguard.health.types import Severity
 
 log = structlog.get_logger("gpuguard.hooks")
 
-OUTPUT_TAIL_CHARS = 400
-READ_AFTER_KILL_S = 2.0  # after SIGKILL, how long to wait for the pipe to close
-
-
-def short_hostname() -> str:
-    """This node's name as schedulers know it: the host part, without the domain."""
-    return socket.gethostname().split(".", 1)[0]
-
-
-def hook_argv(template: Sequence[str], values: Mapping[str, str]) -> list[str]:
-    """The argv of one run: every template argument with its placeholders filled in.
-    The config loader has already refused unknown or malformed placeholders."""
-    return [arg.format_map(values) for arg in template]
-
-
-def _hook_env() -> dict[str, str]:
-    """The daemon's environment without systemd's notify/watchdog variables,
-    so a hook can never speak to systemd for the daemon."""
-    return {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET" and not k.startswith("WATCHDOG_")}
+__all__ = ["NodeHooks", "short_hostname"]
 
 
 class _HookRunner:
@@ -89,55 +66,21 @@ class _HookRunner:
                     self._idle.set()
 
     def _run(self, argv: list[str]) -> Event:
-        timeout_s = self._timeout_s()
-        started = time.monotonic()
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                env=_hook_env(),
-                start_new_session=True,  # its own process group, so a timeout kills all of it
-            )
-        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in an argument
-            why = getattr(exc, "strerror", None) or exc
-            return self._event(argv, None, time.monotonic() - started, f"could not start: {why}", "")
-        timed_out = False
-        try:
-            output, _ = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            with contextlib.suppress(ProcessLookupError):  # it ended just now
-                os.killpg(proc.pid, signal.SIGKILL)
-            try:
-                output, _ = proc.communicate(timeout=READ_AFTER_KILL_S)
-            except subprocess.TimeoutExpired:  # a grandchild left its group and holds the pipe
-                proc.kill()
-                proc.wait()
-                output = b""
-        duration = time.monotonic() - started
-        tail = output.decode("utf-8", "replace").strip()[-OUTPUT_TAIL_CHARS:]
-        if timed_out:
-            return self._event(argv, None, duration, f"timed out after {timeout_s:g} s and was killed", tail, timed_out=True)
-        return self._event(argv, proc.returncode, duration, f"exited {proc.returncode}", tail)
+        return self._event(run_argv(argv, self._timeout_s()))
 
-    def _event(
-        self, argv: list[str], exit_code: int | None, duration_s: float, outcome: str, tail: str, *, timed_out: bool = False
-    ) -> Event:
-        ok = exit_code == 0
-        message = f"node hook {self.name} {outcome} ({duration_s:.1f} s)" + (f": {tail}" if tail else "")
+    def _event(self, run: ArgvRun) -> Event:
+        message = f"node hook {self.name} {run.outcome} ({run.duration_s:.1f} s)" + (f": {run.output_tail}" if run.output_tail else "")
         return Event(
             kind=EventKind.NODE_HOOK,
-            severity=Severity.INFO if ok else Severity.ERROR,
+            severity=Severity.INFO if run.ok else Severity.ERROR,
             message=message,
             data={
                 "hook": self.name,
-                "argv": argv,
-                "exit_code": exit_code,
-                "duration_s": round(duration_s, 3),
-                "timed_out": timed_out,
-                "output_tail": tail,
+                "argv": list(run.argv),
+                "exit_code": run.exit_code,
+                "duration_s": round(run.duration_s, 3),
+                "timed_out": run.timed_out,
+                "output_tail": run.output_tail,
             },
         )
 
@@ -180,4 +123,4 @@ class NodeHooks:
             "uuids": ",".join(str(gpu["uuid"]) for gpu in gpus),
             "state": state,
         }
-        self._runners[name].trigger(hook_argv(template, values))
+        self._runners[name].trigger(fill_argv(template, values))

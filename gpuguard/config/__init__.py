@@ -18,6 +18,8 @@ from gpuguard.config.schema import (
     MetricsConfig,
     MonitorConfig,
     ResetConfig,
+    SlurmConfig,
+    StorageConfig,
 )
 
 __all__ = [
@@ -32,6 +34,8 @@ __all__ = [
     "MetricsConfig",
     "MonitorConfig",
     "ResetConfig",
+    "SlurmConfig",
+    "StorageConfig",
     "load",
     "unsafe_owner_or_mode",
     "with_overrides",

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from gpuguard.config.schema import LOG_FORMATS, LOG_LEVELS, RESERVED_ENV, YOLO_SAVE_EVERY, Config, JobEntry
-from gpuguard.contract import ENV_PREFIX, HOOK_PLACEHOLDERS, RESET_PLACEHOLDERS, valid_job_name
+from gpuguard.contract import ENV_PREFIX, HOOK_PLACEHOLDERS, RESET_PLACEHOLDERS, SLURM_PLACEHOLDERS, valid_job_name
+from gpuguard.storage.url import url_problem
 
 # counts for which 0 makes no sense
 _AT_LEAST_ONE = frozenset({"gpus", "min_gpus", "snapshots_keep", "snapshots_max_bytes", "event_retention_max_rows"})
@@ -88,6 +89,9 @@ def problems(config: Config) -> Iterator[tuple[str, str]]:
         if hook and not hook[0]:
             yield f"hooks.{name}", "must name a program, or be empty for no hook"
         yield from _placeholder_problems(f"hooks.{name}", hook, HOOK_PLACEHOLDERS)
+    yield from _slurm_problems(config)
+    if config.storage.url and (problem := url_problem(config.storage.url)):
+        yield "storage.url", problem
     if jobs.backoff_initial_s > jobs.backoff_max_s:
         yield "jobs.backoff_initial_s", f"must not exceed backoff_max_s ({jobs.backoff_max_s}); got {jobs.backoff_initial_s}"
     problem = _signal_problem(jobs.checkpoint_signal)
@@ -102,6 +106,18 @@ def problems(config: Config) -> Iterator[tuple[str, str]]:
     for i, job in enumerate(config.job):
         yield from _job_problems(job, f"job[{i}]", seen)
         seen.setdefault(job.name, i)
+
+
+def _slurm_problems(config: Config) -> Iterator[tuple[str, str]]:
+    """[slurm]: argv lists with their placeholders; a drain runs only within a requeue."""
+    slurm = config.slurm
+    for name in ("drain", "requeue"):
+        argv = getattr(slurm, name)
+        if argv and not argv[0]:
+            yield f"slurm.{name}", "must name a program, or be empty for none"
+        yield from _placeholder_problems(f"slurm.{name}", argv, SLURM_PLACEHOLDERS)
+    if slurm.drain and not slurm.requeue:
+        yield "slurm.drain", "runs only when a job is handed back with slurm.requeue: set requeue too (or drain with [hooks] on_unhealthy)"
 
 
 def _leaves(obj: Any, key: str) -> Iterator[tuple[str, object]]:

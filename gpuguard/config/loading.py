@@ -106,7 +106,10 @@ def _build(cls: type[_T], value: object, key: str) -> _T:
     known = {f.name: f for f in fields(cls) if not (cls is Config and f.name == "source")}
     for name in value:
         if name not in known:
-            raise _Problem(_join(key, name), _unknown(name, known, is_section=not key and isinstance(value[name], dict)))
+            is_section = not key and isinstance(value[name], dict)
+            # a plain value at the top is never a misspelt section (source = ... is not [storage])
+            like = {n: f for n, f in known.items() if key or is_section or not is_dataclass(hints[n])}
+            raise _Problem(_join(key, name), _unknown(name, like, is_section=is_section))
     kwargs: dict[str, Any] = {}
     for name, f in known.items():
         if name in value:

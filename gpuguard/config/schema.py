@@ -109,6 +109,31 @@ class HooksConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SlurmConfig:
+    """Handing a job that cannot go on here back to Slurm: argv lists with
+    placeholders ({node}, {job_id}, {reason}), never a shell string; empty = off.
+    `drain` runs only as part of a hand-off, so it needs `requeue`."""
+
+    drain: tuple[str, ...] = ()
+    requeue: tuple[str, ...] = ()
+    timeout_s: float = 30.0  # each command's limit
+    # how long a hand-off waits for the newest snapshot to reach [storage] before it
+    # requeues anyway (the next node then resumes from an older stored one)
+    store_wait_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """Shared checkpoint storage: every validated snapshot is also uploaded here, so a job
+    can resume on another node. S3 endpoint and credentials come from the standard AWS
+    environment and config files, never from this file (it would hold a secret)."""
+
+    url: str = ""  # s3://BUCKET/PREFIX or file:///shared/path; empty: local snapshots only
+    fetch_timeout_s: float = 300.0  # a job's first start waits this long for a stored snapshot
+    upload_retry_max_s: float = 60.0  # the longest back-off between upload retries while the store is down
+
+
+@dataclass(frozen=True, slots=True)
 class JobEntry:
     """One `[[job]]` table: the blueprint of a managed job."""
 
@@ -135,6 +160,8 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     job: tuple[JobEntry, ...] = ()
     source: Path | None = None  # the file it came from; None for built-in defaults
 

@@ -11,6 +11,7 @@ import time
 from collections import deque
 from typing import Any
 
+from gpuguard.contract import EX_TEMPFAIL
 from gpuguard.ctl.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, Daemon, pause, warn
 from gpuguard.ctl.output import EVENT_HEADERS, event_line, event_row
 from gpuguard.ctl.replies import ended
@@ -19,7 +20,8 @@ from gpuguard.ctl.status_table import format_status, look_for
 POLL_S = 0.5  # `events --follow` and `run --wait`
 FOLLOW_BATCH = 1000  # the most events one poll of `events --follow` asks for
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, erase the screen
-OUTCOME = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "stopped": EXIT_FAILED}
+# "requeued": handed back to the batch scheduler, which starts it on another node (75, EX_TEMPFAIL)
+OUTCOME = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "stopped": EXIT_FAILED, "requeued": EX_TEMPFAIL}
 
 
 def watch_status(args: argparse.Namespace, daemon: Daemon) -> int:
@@ -93,8 +95,9 @@ def follow_events(args: argparse.Namespace, daemon: Daemon, first: dict[str, Any
 
 def wait_for_job(name: str, daemon: Daemon, as_json: bool = False) -> int:
     """Poll the status until job `name` ends: exit 0 if it succeeded, 1 if it
-    failed or was stopped (with `as_json`, its entry of `status --json` is
-    printed either way). Ctrl-C leaves the job running."""
+    failed or was stopped, 75 if it was requeued in the batch scheduler (with
+    `as_json`, its entry of `status --json` is printed either way). Ctrl-C
+    leaves the job running."""
     try:
         while True:
             status = daemon.poll("status")
@@ -118,6 +121,8 @@ def _ended(job: dict[str, Any], code: int, as_json: bool) -> int:
         print(json.dumps(job, indent=2))
     elif code == EXIT_OK:
         print(ended(job))
-    if code != EXIT_OK:
+    if code == EX_TEMPFAIL:
+        warn(f"run: job {job.get('name')} requeued: {job.get('reason') or 'no reason given'}; the scheduler will restart it elsewhere")
+    elif code != EXIT_OK:
         warn(f"run: job {job.get('name')} {job.get('state')}: {job.get('reason') or 'no reason given'}")
     return code

@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="set this variable for the job (repeatable)")
     p.add_argument("--no-env", action="store_true", help="send none of this shell's environment, only the --env ones")
     p.add_argument("--wait", action="store_true",
-                   help="stay until the job ends; exit 0 if it succeeded, 1 if it failed or was stopped "
+                   help="stay until the job ends; exit 0 if it succeeded, 1 if it failed or was stopped, "
+                   "75 if it was handed back to Slurm (requeued) "
                    "(with --json: print the job's status entry then, not the reply)")  # fmt: skip
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]", help="the job's command and its arguments")
     reply_json(add("stop")).add_argument("name", help="the job's name")

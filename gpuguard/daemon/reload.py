@@ -24,6 +24,9 @@ RESTART_KEYS = (
     "metrics.enabled",
     "metrics.address",
     "metrics.port",
+    "storage.url",  # the store and its uploader are built once
+    "storage.fetch_timeout_s",
+    "storage.upload_retry_max_s",
 )
 
 
@@ -45,7 +48,7 @@ def merge_reload(old: Config, new: Config) -> tuple[Config, list[str]]:
         snapshots_keep=old.jobs.snapshots_keep,
         snapshots_max_bytes=old.jobs.snapshots_max_bytes,
     )
-    return replace(new, daemon=old.daemon, monitor=monitor, jobs=jobs, job=old.job), ignored
+    return replace(new, daemon=old.daemon, monitor=monitor, jobs=jobs, storage=old.storage, job=old.job), ignored
 
 
 def _get(config: Config, key: str) -> object:

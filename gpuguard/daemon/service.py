@@ -24,6 +24,7 @@ import structlog
 
 from gpuguard import __version__, sdnotify
 from gpuguard.actions.hooks import NodeHooks
+from gpuguard.actions.slurm import SlurmCommands
 from gpuguard.config import Config
 from gpuguard.daemon.facts import gpu_facts, settings_of
 from gpuguard.daemon.gpus import Pool
@@ -37,9 +38,11 @@ from gpuguard.nvml.backend import Backend
 from gpuguard.nvml.types import DriverInfo, GpuInfo, NvmlEvent
 from gpuguard.observations import XidObservation
 from gpuguard.metrics import MetricsServer, start_metrics_server
+from gpuguard.storage.build import open_storage
+from gpuguard.storage.uploader import Uploader
 from gpuguard.store import EventStore
 from gpuguard.supervisor.files import JobFiles
-from gpuguard.supervisor.ports import Facts, Ports
+from gpuguard.supervisor.ports import Facts, NoStorage, Ports, SnapshotStore
 from gpuguard.supervisor.snapshots import SnapshotRing
 from gpuguard.supervisor.supervisor import Supervisor
 
@@ -93,10 +96,12 @@ class Daemon:
         self._xid_counts: collections.Counter[tuple[str, int]] = collections.Counter()
         self.metrics_server: MetricsServer | None = None
         self._kernel_log: KernelLogSource | None = None
+        self.storage: SnapshotStore = NoStorage()  # [storage] url, opened by start()
 
     # --- lifecycle -----------------------------------------------------
     def start(self) -> None:
         """Open the backend and the sources; the caller then runs `run()`."""
+        self.storage = open_storage(self.config, self.record)  # first: a ConfigError (exit 2) before anything runs
         self.backend.open()
         self.driver = self.backend.driver_info()
         self.inventory = self.backend.inventory()
@@ -147,6 +152,8 @@ class Daemon:
             wake=self.wake,
             settings=lambda: settings_of(self.config),
             facts=self.facts,
+            scheduler=SlurmCommands(lambda: self.config.slurm),
+            storage=self.storage,
         )
         ring = SnapshotRing(
             daemon.state_dir / "snapshots", keep_newest=self.config.jobs.snapshots_keep, max_bytes=self.config.jobs.snapshots_max_bytes
@@ -178,6 +185,8 @@ class Daemon:
             self._kernel_log.close()
         if self.supervisor is not None:
             self.supervisor.close()  # jobs keep running; a new daemon re-adopts them
+        if isinstance(self.storage, Uploader):
+            self.storage.close()  # an upload under way is cut off; the next daemon's start does it again
         try:
             self.backend.close()
         except Exception as exc:  # stopping must finish even if NVML misbehaves
@@ -386,6 +395,7 @@ class Daemon:
                 "socket": str(self.config.daemon.socket),
                 "kernel_log": str(self.kernel_log_path),
                 "store_bytes": self.store.size_bytes(),
+                "storage": self.storage.describe() if isinstance(self.storage, Uploader) else None,
             },
             "gpus": self.gpu_status(),
             "jobs": self.supervisor.view() if self.supervisor else [],

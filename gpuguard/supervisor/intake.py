@@ -12,7 +12,7 @@ called from the tick, is a stat when that write was already taken.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import structlog
@@ -21,6 +21,7 @@ from gpuguard.events import EventKind
 from gpuguard.health.types import Severity
 from gpuguard.supervisor.files import JobFiles
 from gpuguard.supervisor.job import Job
+from gpuguard.supervisor.ports import NoStorage, SnapshotStore
 from gpuguard.supervisor.snapshot_files import SourceRefused, read_small
 from gpuguard.supervisor.snapshots import Snapshot, SnapshotCorrupt, SnapshotRing
 from gpuguard.supervisor.watch import CheckpointWatcher
@@ -34,9 +35,16 @@ CHECKPOINT_FILE_MAX = 4096  # bytes; the file holds one path
 
 class CheckpointIntake:
     def __init__(
-        self, ring: SnapshotRing, files: JobFiles, lookup: Callable[[str], Job | None], say: Say, persist: Callable[[Job], bool]
+        self,
+        ring: SnapshotRing,
+        files: JobFiles,
+        lookup: Callable[[str], Job | None],
+        say: Say,
+        persist: Callable[[Job], bool],
+        storage: SnapshotStore = NoStorage(),
     ) -> None:
         self.ring = ring
+        self.storage = storage  # each snapshot saved is offered for upload ([storage] url)
         self.files = files
         self.watcher = CheckpointWatcher()
         self._lookup = lookup
@@ -112,8 +120,18 @@ class CheckpointIntake:
                 # wrote just before its stop (seen late by the watcher) does not
                 job.attempt.resume_pin = None
             self._say(job, EventKind.SNAPSHOT_SAVED, Severity.INFO, f"job {job.name}: checkpoint {path} saved as snapshot {result.snapshot.id}")
+            snap = result.snapshot
+            self.storage.offer(job.name, snap.id, snap.path, snap.sha256, snap.created)  # queued, never waited for
         elif result.snapshot is None:
             self._say(job, EventKind.SNAPSHOT_REJECTED, Severity.WARNING, f"job {job.name}: checkpoint {path} not kept: {result.reason}")
+
+    def offer_newest(self, jobs: Iterable[Job]) -> None:
+        """At daemon start: each job's newest snapshot again, in case the last daemon stopped
+        before it was stored (the uploader skips content the store already has)."""
+        for job in jobs:
+            snap = self.ring.newest(job.name)
+            if snap is not None:
+                self.storage.offer(job.name, snap.id, snap.path, snap.sha256, snap.created)
 
     def resume_from(self, job: Job) -> str | None:
         """The snapshot the next attempt starts from: a rollback's pin, else the newest valid.

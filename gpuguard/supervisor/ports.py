@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from gpuguard.events import Event
@@ -70,6 +71,23 @@ class JobRecords(Protocol):
     def put_job(self, name: str, record: dict[str, Any]) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class StoredSnapshot:
+    """A snapshot in the shared store, as listed there (no credentials in `url`)."""
+
+    job: str
+    id: str  # the id it had in the ring of the node that stored it
+    size: int
+    sha256: str
+    created: float  # epoch seconds, that node's clock
+    url: str  # where it is kept, e.g. s3://bucket/prefix/job/id.pt
+
+
+class StorageUnavailable(Exception):
+    """The store could not be reached or refused the request; the message says why
+    (and never holds a credential)."""
+
+
 class SnapshotStore(Protocol):
     """Shared checkpoint storage (`[storage] url`): validated snapshots are uploaded in the
     background, so a job can go on on another node. The storage package implements it."""
@@ -78,18 +96,100 @@ class SnapshotStore(Protocol):
     def configured(self) -> bool:
         """False when no `[storage] url` is set: snapshots stay local only."""
 
+    @property
+    def fetch_timeout_s(self) -> float:
+        """How long a job's first start waits for a stored snapshot before it starts without."""
+
     def wait_stored(self, job: str, snapshot_id: str, timeout_s: float) -> bool:
         """Block (a worker thread, never the tick) until that snapshot is in the store;
         False when the time runs out. True at once when no store is configured."""
+
+    def offer(self, job: str, snapshot_id: str, path: Path, sha256: str, created: float) -> None:
+        """A snapshot the ring just saved: queue its upload and return at once."""
+
+    def stored(self, job: str, timeout_s: float) -> list[StoredSnapshot]:
+        """The job's snapshots in the store, newest first; blocks at most `timeout_s`.
+        Raises StorageUnavailable."""
+
+    def fetch(self, snapshot: StoredSnapshot, dest: Path) -> None:
+        """Download the snapshot's bytes to `dest` (blocks: a worker thread). Raises
+        StorageUnavailable; the caller checks the bytes."""
 
 
 class NoStorage:
     """No `[storage] url`: every snapshot counts as stored (there is nowhere else to put it)."""
 
     configured = False
+    fetch_timeout_s = 0.0
 
     def wait_stored(self, job: str, snapshot_id: str, timeout_s: float) -> bool:
         return True
+
+    def offer(self, job: str, snapshot_id: str, path: Path, sha256: str, created: float) -> None:
+        return None
+
+    def stored(self, job: str, timeout_s: float) -> list[StoredSnapshot]:
+        return []
+
+    def fetch(self, snapshot: StoredSnapshot, dest: Path) -> None:
+        raise StorageUnavailable("no [storage] url is configured")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchJob:
+    """The batch scheduler's job a managed job runs in, from the environment `run`
+    sent (SLURM_JOB_ID, SLURMD_NODENAME), checked by supervisor/handoff.py."""
+
+    job_id: str
+    node: str | None  # None: the scheduler knows this node by its short host name
+    user: tuple[int, int, tuple[int, ...]] | None = None  # the job's (uid, gid, groups); None: the daemon's
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """One run of a scheduler command, as its event tells it."""
+
+    argv: tuple[str, ...]
+    exit_code: int | None  # None: it could not start or timed out
+    outcome: str  # "exited 1", "timed out after 30 s and was killed", ...
+    output_tail: str
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class Scheduler(Protocol):
+    """The batch scheduler this node serves ([slurm]): a job that cannot go on here
+    is handed back to it. Its commands block: called on a hand-off worker, never the tick."""
+
+    @property
+    def requeue_enabled(self) -> bool:
+        """False when no requeue command is configured: jobs stay on this node."""
+
+    @property
+    def store_wait_s(self) -> float:
+        """How long a hand-off waits for its newest snapshot to be stored."""
+
+    def drain(self, job: BatchJob, reason: str) -> CommandResult | None:
+        """Take this node out of the scheduler's service; None when no drain is configured."""
+
+    def requeue(self, job: BatchJob, reason: str) -> CommandResult:
+        """Put the job back in the scheduler's queue (as the job's user)."""
+
+
+class NoScheduler:
+    """No `[slurm] requeue`: jobs never leave the node."""
+
+    requeue_enabled = False
+    store_wait_s = 0.0
+
+    def drain(self, job: BatchJob, reason: str) -> CommandResult | None:
+        return None
+
+    def requeue(self, job: BatchJob, reason: str) -> CommandResult:
+        return CommandResult((), None, "no requeue command configured", "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,3 +224,4 @@ class Ports:
     # so it is never called under the supervisor's (the tick holds them in that order)
     facts: Callable[[], Facts]
     storage: SnapshotStore = NoStorage()
+    scheduler: Scheduler = NoScheduler()

@@ -26,6 +26,8 @@ from gpuguard.supervisor.policy import Decision, Reaction, app_xid_key, backoff_
 from gpuguard.supervisor.ports import Facts, GpuFacts, Ports, Settings
 from gpuguard.supervisor.exits import FAULT, ExitHandling
 from gpuguard.supervisor.process import StopResult, spawn
+from gpuguard.supervisor.remote import StoredFetch
+from gpuguard.supervisor.requeue import HandOff
 from gpuguard.supervisor.states import ACTIVE, FINAL, JobEvent, JobState, transition
 
 log = structlog.get_logger("gpuguard.supervisor")
@@ -46,6 +48,9 @@ class JobRunner(ExitHandling):
         self.files = files
         self.intake = intake
         self.facts: Facts = {}  # the latest facts: of this tick, or fetched for a request
+        self.handoff = HandOff(self)  # jobs this node cannot run go back to the batch scheduler
+        # a job's first start may wait (on a worker) for a newer snapshot from [storage] url
+        self.fetch = StoredFetch(intake.ring, ports.storage, files.jobs_dir.parent / "fetch", self.say, ports.wake)
 
     @property
     def settings(self) -> Settings:
@@ -91,6 +96,8 @@ class JobRunner(ExitHandling):
     # --- starting -------------------------------------------------------
     def try_start(self, job: Job, now: float) -> None:
         """Start the next attempt on free healthy GPUs, or wait for some."""
+        if not self.fetch.ready(job):
+            return  # a stored snapshot is being fetched; its worker wakes the loop
         taken = {
             uuid
             for j in self.jobs.values()
@@ -280,9 +287,11 @@ class JobRunner(ExitHandling):
             self.try_start(job, time.time())
             self.persist(job)
         else:
-            self._fault_restart(job, f"{_ended(result)}{holders}")
+            ended = f"{_ended(result)}{holders}"
+            if not self.handoff.begin(job, ended):  # a job this node cannot run goes back to Slurm
+                self.fault_restart(job, ended)
 
-    def _fault_restart(self, job: Job, ended: str) -> None:
+    def fault_restart(self, job: Job, ended: str) -> None:
         """After a stop for a fault or a hang: restart at once; repeated moves of a job that
         does not stay up back off, and the fault budget (max_restarts) ends a job that
         every GPU it is moved to brings down."""

@@ -20,6 +20,8 @@ class JobState(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     STOPPED = "stopped"  # stopped by an operator
+    REQUEUEING = "requeueing"  # stopped; cannot go on on this node: being handed back to the batch scheduler
+    REQUEUED = "requeued"  # handed back: the scheduler restarts it on another node
 
 
 class JobEvent(enum.StrEnum):
@@ -41,9 +43,12 @@ class JobEvent(enum.StrEnum):
     STOPPED = "stopped"  # the tree is gone after an operator stop
     BACKOFF_OVER = "backoff_over"
     ROLLBACK = "rollback"
+    HAND_OFF = "hand_off"  # stopped after a fault, and this node cannot run it: requeue it
+    REQUEUED = "requeued"  # the scheduler took it back
+    HANDOFF_FAILED = "handoff_failed"  # the requeue failed: restart here as after any fault stop
 
 
-FINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED})
+FINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.STOPPED, JobState.REQUEUED})
 ACTIVE = frozenset({JobState.STARTING, JobState.RUNNING, JobState.CHECKPOINTING, JobState.STOPPING})
 
 _S, _E = JobState, JobEvent
@@ -71,6 +76,9 @@ _MOVES: dict[tuple[JobState, JobEvent], JobState] = {
     (_S.STOPPING, _E.EXITED_OK): _S.SUCCEEDED,
     (_S.STOPPING, _E.STOPPED): _S.STOPPED,
     (_S.STOPPING, _E.TERMINATING): _S.STOPPING,  # a stop resumed by a new daemon
+    (_S.STOPPING, _E.HAND_OFF): _S.REQUEUEING,
+    (_S.REQUEUEING, _E.REQUEUED): _S.REQUEUED,  # final on this node (a rollback is the operator's word, as for any final state)
+    (_S.REQUEUEING, _E.HANDOFF_FAILED): _S.STOPPING,  # then on as after any fault stop
     # a rollback stops without a checkpoint: one taken now would be newer than the snapshot asked for
     (_S.RUNNING, _E.ROLLBACK): _S.STOPPING,
     (_S.CHECKPOINTING, _E.ROLLBACK): _S.STOPPING,
@@ -80,7 +88,7 @@ _MOVES: dict[tuple[JobState, JobEvent], JobState] = {
 for _state in JobState:
     if _state not in FINAL:
         _MOVES.setdefault((_state, _E.STOP_REQUESTED), _S.STOPPING)
-for _state in (_S.BACKOFF, _S.WAITING, _S.FAILED, _S.SUCCEEDED, _S.STOPPED):
+for _state in (_S.BACKOFF, _S.WAITING, *FINAL):
     _MOVES[(_state, _E.ROLLBACK)] = _S.STARTING
 
 

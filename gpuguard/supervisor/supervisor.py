@@ -23,7 +23,7 @@ import structlog
 from gpuguard.config import JobEntry
 from gpuguard.events import EventKind
 from gpuguard.health.types import Severity
-from gpuguard.supervisor import exitcode, hang, jobspec
+from gpuguard.supervisor import exitcode, hang, jobspec, remote
 from gpuguard.supervisor.files import JobFiles
 from gpuguard.supervisor.holders import ForeignHolders
 from gpuguard.supervisor.intake import CheckpointIntake
@@ -52,7 +52,7 @@ class Supervisor:
         self.ring = ring
         self.jobs: dict[str, Job] = {}
         self.lock = threading.RLock()
-        self.intake = CheckpointIntake(ring, files, self.jobs.get, self._say, self._persist)
+        self.intake = CheckpointIntake(ring, files, self.jobs.get, self._say, self._persist, ports.storage)
         self.runner = JobRunner(ports, self.jobs, self.lock, files, self.intake)
         self.foreign = ForeignHolders(ports.record)
         self.subreaper = False
@@ -83,6 +83,7 @@ class Supervisor:
         # (found by the chaos run)
         for job in list(self.jobs.values()):
             self._readopt(job)
+        self.intake.offer_newest(j for j in self.jobs.values() if j.state not in FINAL)  # uploads a stop cut off
         default_restarts = self.ports.settings().max_restarts
         for entry in entries:
             if entry.name not in self.jobs:
@@ -164,8 +165,10 @@ class Supervisor:
                 else:
                     self.jobs[job.name] = old
                 raise JobError(f"job {spec.name} not started: its record could not be saved (is the state dir's disk full?)")
-            if old is not None:
-                self.ring.remove_job(spec.name)  # a new job of the same name starts from scratch
+            if old is not None and old.state != JobState.REQUEUED:
+                # a new job of the same name starts from scratch; a requeued one that Slurm
+                # placed here again resumes from its snapshots
+                self.ring.remove_job(spec.name)
             self.runner.facts = facts
             self.runner.try_start(job, time.time())
             return job
@@ -191,6 +194,8 @@ class Supervisor:
         facts = self.ports.facts()  # before our lock: the daemon takes its lock, then ours
         with self.lock:
             job = self._job(name)
+            if job.state == JobState.REQUEUEING:  # its requeue may be under way: it would run twice
+                raise JobError(f"job {name} is being handed back to Slurm; stop it first", "refused")
             try:
                 snap = self.ring.get(name, snapshot_id) if snapshot_id else self.ring.before_newest(name)
             except SnapshotCorrupt as exc:
@@ -218,8 +223,10 @@ class Supervisor:
             return {"name": name, "snapshot": snap.id, "path": str(snap.path), "state": job.state.value}
 
     def snapshots(self, name: str) -> list[dict[str, Any]]:
+        """The ring's and the store's, each with `where` it is kept; no lock is held
+        while the store is asked (at most remote.LIST_TIMEOUT_S)."""
         self._job(name)
-        return [s.to_json() for s in self.ring.list(name)]
+        return remote.listing([s.to_json() for s in self.ring.list(name)], self.ports.storage, name)
 
     def _job(self, name: str) -> Job:
         job = self.jobs.get(name)
@@ -242,6 +249,9 @@ class Supervisor:
 
     def _tick_job(self, job: Job, now: float) -> None:
         if job.state in FINAL:
+            return
+        if job.state == JobState.REQUEUEING:
+            self.runner.handoff.tick(job)
             return
         rt = job.rt
         if rt.stopping is not None:

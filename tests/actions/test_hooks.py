@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import wait_until
 from gpuguard.actions.hooks import NodeHooks, short_hostname
 from gpuguard.config import ConfigError, HooksConfig, load
 from gpuguard.events import Event
@@ -117,9 +118,7 @@ def test_triggers_while_running_coalesce_into_one_more_run_with_the_newest_reaso
     )
     hooks, recorder = hooks_for(on_unhealthy=python(code, str(log), str(release), "{reason}"))
     hooks.on_unhealthy("first", GPUS)
-    deadline = time.monotonic() + 5
-    while not log.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(log.exists, 5, "the first hook running", 0.01)
     for reason in ("second", "third", "fourth"):
         hooks.on_unhealthy(reason, GPUS)
     release.touch()

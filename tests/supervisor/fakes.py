@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 
+from harness import wait_until
 from gpuguard.events import Event
 from gpuguard.health.types import Action, GpuState
 from gpuguard.supervisor import pids
@@ -171,14 +172,12 @@ class Node:
 
     def tick_until(self, sup: Supervisor, done: Callable[[], object], what: str, timeout_s: float = 10.0) -> None:
         """Tick with the current facts until `done()` holds; fail after timeout_s."""
-        deadline = time.monotonic() + timeout_s
-        while True:
+
+        def ticked() -> object:
             sup.tick(time.time(), self.facts)
-            if done():
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; events: {self.log.kinds()}")
-            time.sleep(0.02)
+            return done()
+
+        wait_until(ticked, timeout_s, what, interval=0.02, detail=lambda: f"events: {self.log.kinds()}")
 
 
 class MoveLog:
@@ -252,9 +251,5 @@ def _running(pid: int, created: float) -> bool:
 
 
 def wait_for(done: Callable[[], object], what: str, timeout_s: float = 10.0) -> None:
-    """Poll `done()` until it holds; fail after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+    """Poll `done()` until it holds; fail after timeout_s (harness.wait_until, in these tests' argument order)."""
+    wait_until(done, timeout_s, what, interval=0.02)
