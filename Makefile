@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo venv clean chaos bench dist install uninstall coverage
+.PHONY: test test-fast demo venv clean chaos bench dist install uninstall test-cluster demo-cluster cluster-packages coverage
 
 venv: $(STAMP)
 
@@ -15,11 +15,27 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[dev,yolo]'  # not -q: torch takes minutes, pip shows its progress (a few lines a package)
 	touch $(STAMP)
 
+# Every test but the loopback cluster's (make test-cluster).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not cluster"
+
+# The inner loop: no real gpuguardd or job process, nothing slow (tests/README.md).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e and not slow and not cluster"
 
 demo: $(STAMP)
 	$(PY) -m gpuguard.demo
+
+# The loopback cluster (lab/): Slurm n1 and n2, SeaweedFS, a gpuguardd per node; runs as root.
+test-cluster: $(STAMP) cluster-packages
+	$(PY) -m pytest -q -m cluster tests/cluster
+
+demo-cluster: $(STAMP) cluster-packages
+	$(PY) -m lab.demo_cluster
+
+# Slurm and munge from apt when slurmctld is missing and we are root (else the cluster tests skip, saying why).
+cluster-packages:
+	@test -x /usr/sbin/slurmctld || [ "$$(id -u)" -ne 0 ] || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y slurm-wlm munge; }
 
 chaos: $(STAMP)
 	$(PY) bench/chaos.py --long
@@ -31,6 +47,7 @@ bench: $(STAMP)
 	$(PY) bench/store_growth.py --write-docs
 	$(PY) bench/control_plane.py --write-docs
 	$(PY) bench/resume.py --write-docs
+	$(PY) bench/storage.py --write-docs
 
 # Install as a systemd service (docs/DEPLOY.md): `make dist`, then as root `make install`.
 # DESTDIR=/some/root installs under that root; INSTALL_ARGS and UNINSTALL_ARGS go to the scripts

@@ -49,6 +49,30 @@ def _ts(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
+def make_dataset(dest: Path) -> Path:
+    """The tiny YOLO dataset, made on the fly; returns its data.yaml."""
+    subprocess.run(
+        [str(BIN / "gpuguard-yolo"), "make-dataset", str(dest), "--train", str(TRAIN_IMAGES)],
+        check=True,
+        capture_output=True,
+    )
+    return dest / "data.yaml"
+
+
+def train_command(data_yaml: Path, project: Path, epochs: int) -> list[str]:
+    """The demo's training (yolov8n on the CPU); it writes to PROJECT/demo/."""
+    return [
+        str(BIN / "gpuguard-yolo"), "train", "model=yolov8n.yaml", f"data={data_yaml}", f"epochs={epochs}",
+        "imgsz=64", "batch=8", "workers=0", f"project={project}", "name=demo", "plots=False", "val=True",
+    ]  # fmt: skip
+
+
+def results_epochs(results_csv: Path) -> list[int]:
+    """The epochs Ultralytics recorded in results.csv, one row per finished epoch."""
+    rows = list(csv.DictReader(results_csv.open()))
+    return [int(float(r["epoch"].strip() if "epoch" in r else r[next(iter(r))])) for r in rows]
+
+
 class LogTail:
     """The lines a growing file gained since the last call: the trainer's output
     (progress bars update with \\r, so \\r ends a line too; colours dropped)."""
@@ -140,22 +164,12 @@ class Demo:
 
     def yolo(self) -> int:
         print("== 1. gpuguardd --simulate 2, and a tiny YOLO dataset made on the fly\n")
-        data = self.tmp / "data"
-        subprocess.run(
-            [str(BIN / "gpuguard-yolo"), "make-dataset", str(data), "--train", str(TRAIN_IMAGES)],
-            check=True,
-            capture_output=True,
-        )
-        data_yaml = data / "data.yaml"
+        data_yaml = make_dataset(self.tmp / "data")
         self.ctl("status")
 
         print(f"== 2. A real YOLO training ({self.epochs} epochs, yolov8n, CPU) as a gpuguard job\n")
         project = self.tmp / "runs"
-        self.ctl(
-            "run", "--name", "yolo", "--workdir", str(self.tmp), "--",
-            str(BIN / "gpuguard-yolo"), "train", "model=yolov8n.yaml", f"data={data_yaml}", f"epochs={self.epochs}",
-            "imgsz=64", "batch=8", "workers=0", f"project={project}", "name=demo", "plots=False", "val=True",
-        )  # fmt: skip
+        self.ctl("run", "--name", "yolo", "--workdir", str(self.tmp), "--", *train_command(data_yaml, project, self.epochs))
         print("   waiting for the first epoch's checkpoint (gpuguard validates and keeps a copy) ...")
         self.wait(lambda: any(e["kind"] == "snapshot_saved" for e in self.events("yolo")), "the first checkpoint")
         job = self.job()
@@ -197,8 +211,7 @@ class Demo:
         for label, t in timeline:
             print(f"   {'+' + format(1000 * (t - t_fault), '.0f') + ' ms' if t else 'not seen':>10}  {label}")
         print()
-        rows = list(csv.DictReader((project / "demo" / "results.csv").open()))
-        epochs = [int(float(r["epoch"].strip() if "epoch" in r else r[next(iter(r))])) for r in rows]
+        epochs = results_epochs(project / "demo" / "results.csv")
         print(f"   results.csv epochs: {epochs} (requested {self.epochs}); job {final['state']} "
               f"after {final['attempt']} attempts, resumed from {restarted.get('resume_from') or 'a snapshot'}\n")
         self.ctl("events", "--job", "yolo")

@@ -24,6 +24,7 @@ from gpuguard.supervisor.job import Job
 from gpuguard.supervisor.ports import NoStorage, SnapshotStore
 from gpuguard.supervisor.snapshot_files import SourceRefused, read_small
 from gpuguard.supervisor.snapshots import Snapshot, SnapshotCorrupt, SnapshotRing
+from gpuguard.supervisor.states import FINAL
 from gpuguard.supervisor.watch import CheckpointWatcher
 
 log = structlog.get_logger("gpuguard.supervisor")
@@ -92,7 +93,9 @@ class CheckpointIntake:
     def _on_checkpoint(self, name: str, path: Path) -> None:
         """The watcher's callback thread: a checkpoint write looks complete."""
         job = self._lookup(name)
-        if job is not None and _identity(path) != self._taken.get(name):
+        # a job over on this node (requeued to another, finished, stopped) writes nothing
+        # more here: a shared run directory may hold the next node's checkpoints
+        if job is not None and job.state not in FINAL and _identity(path) != self._taken.get(name):
             self.snapshot(job, path)
 
     def ingest(self, job: Job) -> None:
