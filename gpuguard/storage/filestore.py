@@ -18,6 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
+from gpuguard.durable import fsync_dir, write_all, write_synced
 from gpuguard.storage.objects import SIDECAR, SNAPSHOT_NAME, SUFFIX, StorageMisconfigured, newest_first
 from gpuguard.storage.url import StorageUrl
 from gpuguard.supervisor.ports import StoredSnapshot, StorageUnavailable
@@ -56,9 +57,9 @@ class FileStore:
                 size = _copy_synced(src.fileno(), tmp)
             os.replace(tmp, jobdir / f"{snapshot_id}{SUFFIX}")
             meta = {"sha256": sha256, "size": size, "created": created}
-            _write_synced(side_tmp, json.dumps(meta).encode())
+            write_synced(side_tmp, json.dumps(meta).encode(), 0o640)
             os.replace(side_tmp, jobdir / f"{snapshot_id}{SIDECAR}")
-            _fsync_dir(jobdir)
+            fsync_dir(jobdir)
         except OSError as exc:
             raise self._failed(f"cannot store {snapshot_id}", exc) from None
         finally:
@@ -101,7 +102,7 @@ class FileStore:
         try:
             (jobdir / f"{snapshot_id}{SIDECAR}").unlink(missing_ok=True)
             (jobdir / f"{snapshot_id}{SUFFIX}").unlink(missing_ok=True)
-            _fsync_dir(jobdir)
+            fsync_dir(jobdir)
         except OSError as exc:
             raise self._failed(f"cannot delete {snapshot_id}", exc) from None
 
@@ -127,30 +128,9 @@ def _copy_synced(src_fd: int, dest: Path) -> int:
     total = 0
     try:
         while chunk := os.read(src_fd, CHUNK):
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, chunk)
             total += len(chunk)
         os.fsync(fd)
     finally:
         os.close(fd)
     return total
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 
 from gpuguard.contract import valid_job_name
+from gpuguard.durable import write_all
 
 log = structlog.get_logger(__name__)
 
@@ -212,9 +213,7 @@ class RecordFiles:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
             try:
                 os.fchmod(fd, 0o600)  # whatever the umask
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)

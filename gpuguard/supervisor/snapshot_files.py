@@ -19,6 +19,7 @@ import os
 import stat
 from pathlib import Path
 
+from gpuguard.durable import write_all
 from gpuguard.supervisor.checkpoints import CHUNK, CheckpointCheck, validate
 from gpuguard.supervisor.process import UserSpec
 
@@ -151,28 +152,5 @@ def copy_fd(src_fd: int, dst_fd: int) -> None:
     """Stream the whole source into the destination in bounded chunks."""
     offset = 0
     while chunk := os.pread(src_fd, CHUNK, offset):
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(dst_fd, view) :]
+        write_all(dst_fd, chunk)
         offset += len(chunk)
-
-
-def write_synced(path: Path, data: bytes) -> None:
-    """Create `path` (it must not exist) with `data`, on disk before this returns."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make renames and unlinks in `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -33,7 +33,8 @@ from gpuguard.supervisor.checkpoints import CheckpointCheck, validate_fd
 from gpuguard.supervisor.process import UserSpec
 from gpuguard.supervisor.retention import select_retained
 from gpuguard.supervisor.snapshot_check import OK, SnapshotChecks
-from gpuguard.supervisor.snapshot_files import SourceRefused, copy_validated, fsync_dir, open_source, write_synced
+from gpuguard.durable import fsync_dir, write_synced
+from gpuguard.supervisor.snapshot_files import SourceRefused, copy_validated, open_source
 
 log = structlog.get_logger(__name__)
 
