@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import NOBODY_ENV, DaemonProc, as_nobody
+from harness import NOBODY_ENV, DaemonProc, as_nobody, running_daemon
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,21 @@ def open_dir() -> Iterator[Path]:
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[DaemonProc]:
-    proc = DaemonProc(tmp_path)
-    proc.start()
-    yield proc
-    proc.stop()
+    """A started `gpuguardd --simulate 2` under tmp_path, stopped at the end; a test that
+    needs another configuration uses harness.running_daemon itself."""
+    with running_daemon(tmp_path) as proc:
+        yield proc
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Markers that follow from the fixtures a test asks for, even where its module does not
+    say so: this file's `daemon` starts a real gpuguardd (`e2e`); acting as another user
+    (nobody_python) and making cgroups (tests/supervisor's needs_cgroup) need root (`root`)."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if {"nobody_python", "needs_cgroup"} & names:
+            item.add_marker(pytest.mark.root)
+        if "daemon" in names:
+            defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}).get("daemon", ())
+            if defs and defs[-1].baseid == "tests":  # this file's, not a module's own `daemon`
+                item.add_marker(pytest.mark.e2e)

@@ -4,91 +4,25 @@
 from __future__ import annotations
 
 import json
-import queue
 import signal
 import subprocess
-import threading
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from harness import BIN, DaemonProc, wait_until
+import pytest
+
+from harness import BIN, WAIT_S, DaemonProc, Running, wait_until
 from gpuguard.ctl.common import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 
-WAIT_S = 15.0  # the bound on every wait for something the daemon does
-
-
-def _default_sigint() -> None:
-    """Ctrl-C as in a terminal, even when the tests run where SIGINT is ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-class Running:
-    """A gpuguardctl that keeps running; its stdout read line by line and its
-    stderr collected, each on a thread."""
-
-    def __init__(self, d: DaemonProc, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [str(BIN / "gpuguardctl"), "--socket", str(d.socket), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
-        )  # fmt: skip
-        self.seen: list[str] = []
-        self.err: list[str] = []
-        self._lines: queue.Queue[str] = queue.Queue()
-        self._readers = [threading.Thread(target=read, daemon=True) for read in (self._read_out, self._read_err)]
-        for reader in self._readers:
-            reader.start()
-
-    def _read_out(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line.rstrip("\n"))
-
-    def _read_err(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:  # line by line: a test may wait for one
-            self.err.append(line)
-
-    def until(self, matches: Callable[[str], bool], what: str) -> str:
-        """The next line that matches, within WAIT_S."""
-        deadline = time.monotonic() + WAIT_S
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._lines.get(timeout=left)
-            except queue.Empty:
-                break
-            self.seen.append(line)
-            if matches(line):
-                return line
-        raise AssertionError(f"no line with {what} within {WAIT_S} s; seen: {self.seen}")
-
-    def wait(self) -> tuple[int, str]:
-        """The exit status (within WAIT_S) and stderr; every line seen."""
-        code = self.proc.wait(timeout=WAIT_S)
-        for reader in self._readers:
-            reader.join(timeout=WAIT_S)
-        while not self._lines.empty():
-            self.seen.append(self._lines.get())
-        return code, "".join(self.err)
-
-    def interrupt(self) -> tuple[int, str]:
-        """Ctrl-C, then `wait`."""
-        self.proc.send_signal(signal.SIGINT)
-        return self.wait()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=WAIT_S)
+pytestmark = pytest.mark.e2e
 
 
 def events(d: DaemonProc, *args: str) -> list[dict[str, Any]]:
     return json.loads(d.ctl("events", "--json", *args).stdout)
 
 
-def test_events_since_an_id_a_time_ago_or_a_time(daemon: DaemonProc) -> None:  # noqa: F811
+def test_events_since_an_id_a_time_ago_or_a_time(daemon: DaemonProc) -> None:
     daemon.ctl("exclude", "1", "--reason", "fan")  # an event now, and none after it
     every = events(daemon)
     assert [e["kind"] for e in every] == ["daemon_started", "gpu_excluded"]
@@ -104,7 +38,7 @@ def test_events_since_an_id_a_time_ago_or_a_time(daemon: DaemonProc) -> None:  #
     assert bad.returncode == 2 and "--since 'tuesday'" in bad.stderr
 
 
-def test_events_follow_prints_each_new_event_once_until_interrupted(daemon: DaemonProc) -> None:  # noqa: F811
+def test_events_follow_prints_each_new_event_once_until_interrupted(daemon: DaemonProc) -> None:
     table = Running(daemon, "events", "--follow")
     lines = Running(daemon, "events", "-f", "--json", "--gpu", "1", "--limit", "0")
     try:
@@ -129,7 +63,7 @@ def test_events_follow_prints_each_new_event_once_until_interrupted(daemon: Daem
         lines.close()
 
 
-def test_follow_ends_when_its_reader_does(daemon: DaemonProc) -> None:  # noqa: F811
+def test_follow_ends_when_its_reader_does(daemon: DaemonProc) -> None:
     """`events -f | grep -m1 KIND`: once grep has its line, follow ends, with
     no new event to write (as `tail -f` does)."""
     proc = subprocess.Popen(
@@ -142,7 +76,7 @@ def test_follow_ends_when_its_reader_does(daemon: DaemonProc) -> None:  # noqa: 
     assert proc.stderr is not None and proc.stderr.read() == b""
 
 
-def test_status_watch_redraws_until_interrupted(daemon: DaemonProc) -> None:  # noqa: F811
+def test_status_watch_redraws_until_interrupted(daemon: DaemonProc) -> None:
     text = Running(daemon, "status", "--watch", "0.2")
     as_json = Running(daemon, "status", "--json", "--watch", "0.2")
     try:
@@ -163,7 +97,7 @@ def _job_state(d: DaemonProc, name: str) -> str | None:
     return next((j["state"] for j in d.status()["jobs"] if j["name"] == name), None)
 
 
-def test_run_wait_exits_with_the_jobs_outcome(daemon: DaemonProc, tmp_path: Path) -> None:  # noqa: F811
+def test_run_wait_exits_with_the_jobs_outcome(daemon: DaemonProc, tmp_path: Path) -> None:
     run = ("run", "--wait", "--workdir", str(tmp_path), "--max-restarts", "0", "--name")
     done = daemon.ctl(*run, "ok", "--", "sh", "-c", "echo fine")
     assert done.stdout.splitlines()[-1] == "Job ok succeeded after 1 attempt and 0 restarts."
@@ -179,7 +113,7 @@ def test_run_wait_exits_with_the_jobs_outcome(daemon: DaemonProc, tmp_path: Path
         waiting.close()
 
 
-def test_ctrl_c_while_waiting_leaves_the_job_running(daemon: DaemonProc, tmp_path: Path) -> None:  # noqa: F811
+def test_ctrl_c_while_waiting_leaves_the_job_running(daemon: DaemonProc, tmp_path: Path) -> None:
     waiting = Running(daemon, "run", "--wait", "--workdir", str(tmp_path), "--name", "long", "--", "sleep", "60")
     try:
         wait_until(lambda: _job_state(daemon, "long") == "running", WAIT_S, "the job running")
@@ -192,7 +126,7 @@ def test_ctrl_c_while_waiting_leaves_the_job_running(daemon: DaemonProc, tmp_pat
         daemon.ctl("stop", "long", check=False)
 
 
-def test_run_wait_rides_out_a_daemon_restart(daemon: DaemonProc, tmp_path: Path) -> None:  # noqa: F811
+def test_run_wait_rides_out_a_daemon_restart(daemon: DaemonProc, tmp_path: Path) -> None:
     go = tmp_path / "go"
     script = f"for i in $(seq 300); do [ -e {go} ] && exit 0; sleep 0.1; done; exit 1"  # at most 30 s
     waiting = Running(daemon, "run", "--wait", "--workdir", str(tmp_path), "--name", "kept", "--", "sh", "-c", script)

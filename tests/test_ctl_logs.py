@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness import DaemonProc, as_nobody, wait_until
-from test_ctl_live import WAIT_S, Running  # the helpers beside this file
+import pytest
+
+from harness import WAIT_S, DaemonProc, Running, as_nobody, running_daemon, wait_until
+
+pytestmark = pytest.mark.e2e
 
 # prints 1..15, then waits (at most 30 s) for the file `go` before two more lines
 TALK = "seq 1 15; for i in $(seq 300); do [ -e go ] && break; sleep 0.1; done; echo more; echo oops >&2"
@@ -16,7 +19,7 @@ def _talk(d: DaemonProc, workdir: Path, name: str = "talk") -> None:
     d.ctl("run", "--workdir", str(workdir), "--name", name, "--", "sh", "-c", TALK)
 
 
-def test_logs_prints_the_last_lines(daemon: DaemonProc, tmp_path: Path) -> None:  # noqa: F811
+def test_logs_prints_the_last_lines(daemon: DaemonProc, tmp_path: Path) -> None:
     _talk(daemon, tmp_path)
     wait_until(lambda: daemon.ctl("logs", "talk").stdout.endswith("15\n"), WAIT_S, "the job's first output")
     assert daemon.ctl("logs", "talk").stdout == "".join(f"{i}\n" for i in range(6, 16))  # 10 by default
@@ -31,7 +34,7 @@ def test_logs_prints_the_last_lines(daemon: DaemonProc, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "give a number of lines" in bad.stderr
 
 
-def test_logs_follow_waits_for_output_and_prints_it_as_it_comes(daemon: DaemonProc, tmp_path: Path) -> None:  # noqa: F811
+def test_logs_follow_waits_for_output_and_prints_it_as_it_comes(daemon: DaemonProc, tmp_path: Path) -> None:
     for gpu in ("0", "1"):
         daemon.ctl("exclude", gpu)  # so the job waits, and has no output yet
     _talk(daemon, tmp_path)
@@ -52,21 +55,20 @@ def test_logs_follow_waits_for_output_and_prints_it_as_it_comes(daemon: DaemonPr
         follow.close()
 
 
-def test_logs_are_read_with_the_callers_permissions(nobody_python: str, open_dir: Path) -> None:  # noqa: F811
+@pytest.mark.root
+def test_logs_are_read_with_the_callers_permissions(nobody_python: str, open_dir: Path) -> None:
     """root's job: user nobody may not read its output, and is told why."""
-    d = DaemonProc(open_dir)  # a socket nobody can reach
-    d.start()
-    try:
-        _talk(d, open_dir)
-        wait_until(lambda: d.ctl("logs", "talk").stdout.endswith("15\n"), WAIT_S, "the job's first output")
-        ctl = [nobody_python, "-c", "import sys; from gpuguard.ctl import main; sys.exit(main())"]
-        denied = as_nobody([*ctl, "--socket", str(d.socket), "logs", "talk"])
-        assert (denied.returncode, denied.stdout) == (1, ""), denied.stderr
-        log = d.state_dir / "jobs" / "talk" / "output.log"
-        assert denied.stderr == (
-            f"gpuguardctl: logs: cannot read {log}: permission denied "
-            "(the job's output is for root and the job's user, root)\n"
-        )
-    finally:
-        (open_dir / "go").touch()
-        d.stop()
+    with running_daemon(open_dir) as d:  # a socket nobody can reach
+        try:
+            _talk(d, open_dir)
+            wait_until(lambda: d.ctl("logs", "talk").stdout.endswith("15\n"), WAIT_S, "the job's first output")
+            ctl = [nobody_python, "-c", "import sys; from gpuguard.ctl import main; sys.exit(main())"]
+            denied = as_nobody([*ctl, "--socket", str(d.socket), "logs", "talk"])
+            assert (denied.returncode, denied.stdout) == (1, ""), denied.stderr
+            log = d.state_dir / "jobs" / "talk" / "output.log"
+            assert denied.stderr == (
+                f"gpuguardctl: logs: cannot read {log}: permission denied "
+                "(the job's output is for root and the job's user, root)\n"
+            )
+        finally:
+            (open_dir / "go").touch()

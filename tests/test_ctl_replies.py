@@ -10,7 +10,11 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 from harness import REPO, DaemonProc, wait_until
+
+pytestmark = pytest.mark.e2e
 
 TRAINER = REPO / "tests" / "supervisor" / "jobs" / "trainer.py"
 WAIT_S = 20.0

@@ -50,6 +50,7 @@ def test_completion_prints_the_shipped_script_without_a_daemon(shell: str) -> No
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+@pytest.mark.e2e
 def test_bash_completes_commands_choices_options_and_paths(daemon: DaemonProc) -> None:  # noqa: F811
     """The script, sourced into a real bash, completes; the daemon answers what it completes to."""
     done = subprocess.run(["bash", "-c", BASH_COMPLETE], capture_output=True, text=True, timeout=30, env={"CTL": CTL})

@@ -16,7 +16,11 @@ import termios
 import time
 from pathlib import Path
 
+import pytest
+
 from harness import BIN, DaemonProc
+
+pytestmark = pytest.mark.e2e
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 LONG_NAME = "a-training-run-with-a-name-as-long-as-the-contract-allows-64-chr"

@@ -41,7 +41,7 @@ BASH = "usr/share/bash-completion/completions/gpuguardctl"
 ZSH = "usr/share/zsh/vendor-completions/_gpuguardctl"
 MAN1 = "usr/share/man/man1"
 DOC = "usr/share/doc/gpuguard"
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # the wheel is built once for the module: 40 s alone
 
 
 def build_wheel(out: Path, drop: tuple[str, ...] = ()) -> Path:

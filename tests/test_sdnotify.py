@@ -6,16 +6,15 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from harness import BIN
 from gpuguard import sdnotify
-
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
@@ -96,6 +95,16 @@ def test_watchdog_interval(
 # --- the real daemon ------------------------------------------------------
 
 
+def _gpuguardd(tmp_path: Path, poll_interval_s: float, env: dict[str, str], out: Any) -> subprocess.Popen[bytes]:
+    """`gpuguardd --simulate 1` started by hand, not by harness.running_daemon: these tests read
+    its datagrams from the first one on and choose its whole environment."""
+    config = tmp_path / "config.toml"
+    config.write_text(f"[monitor]\npoll_interval_s = {poll_interval_s}\nnvml_timeout_s = 0.5\n")
+    argv = [str(BIN / "gpuguardd"), "--simulate", "1", "--config", str(config),
+            "--state-dir", str(tmp_path / "state"), "--socket", str(tmp_path / "gpuguard.sock")]  # fmt: skip
+    return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
 def _receive_until(sock: socket.socket, wanted: bytes, deadline: float, seen: list[bytes]) -> None:
     while time.monotonic() < deadline:
         try:
@@ -107,30 +116,14 @@ def _receive_until(sock: socket.socket, wanted: bytes, deadline: float, seen: li
     raise AssertionError(f"no {wanted!r} datagram; got {seen[:10]}")
 
 
+@pytest.mark.e2e
 def test_daemon_notifies_ready_watchdog_and_stopping(tmp_path: Path, notify_socket: socket.socket) -> None:
-    config = tmp_path / "config.toml"
-    config.write_text("[monitor]\npoll_interval_s = 0.2\nnvml_timeout_s = 0.5\n")
     env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_PID", "JOURNAL_STREAM")}
     env.update(NOTIFY_SOCKET=os.environ["NOTIFY_SOCKET"], WATCHDOG_USEC="2000000", PYTHONUNBUFFERED="1")
     log = tmp_path / "daemon.log"
     notify_socket.settimeout(0.2)
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                str(BIN / "gpuguardd"),
-                "--simulate",
-                "1",
-                "--config",
-                str(config),
-                "--state-dir",
-                str(tmp_path / "state"),
-                "--socket",
-                str(tmp_path / "gpuguard.sock"),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        proc = _gpuguardd(tmp_path, 0.2, env, out)
     try:
         seen: list[bytes] = []
         deadline = time.monotonic() + 20
@@ -149,28 +142,12 @@ def test_daemon_notifies_ready_watchdog_and_stopping(tmp_path: Path, notify_sock
     assert seen.count(b"STOPPING=1") == 1, log.read_text()
 
 
+@pytest.mark.e2e
 def test_daemon_without_watchdog_env_sends_no_watchdog(tmp_path: Path, notify_socket: socket.socket) -> None:
     """WATCHDOG_PID naming another process means the watchdog is not ours."""
-    config = tmp_path / "config.toml"
-    config.write_text("[monitor]\npoll_interval_s = 0.1\nnvml_timeout_s = 0.5\n")
     env = dict(os.environ, WATCHDOG_USEC="2000000", WATCHDOG_PID="1", PYTHONUNBUFFERED="1")
     notify_socket.settimeout(0.2)
-    proc = subprocess.Popen(
-        [
-            str(BIN / "gpuguardd"),
-            "--simulate",
-            "1",
-            "--config",
-            str(config),
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--socket",
-            str(tmp_path / "gpuguard.sock"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
+    proc = _gpuguardd(tmp_path, 0.1, env, subprocess.DEVNULL)
     try:
         seen: list[bytes] = []
         deadline = time.monotonic() + 20

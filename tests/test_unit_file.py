@@ -309,6 +309,8 @@ def held(cap: str) -> bool:
     return bool(effective_caps() >> cap_number(cap) & 1)
 
 
+@pytest.mark.e2e
+@pytest.mark.root
 def test_the_units_capabilities_suffice(probe_env: dict[str, object]) -> None:
     results = run_probe(probe_env, bounding_set())
     assert set(results) == set(PROBED.values())
@@ -322,6 +324,8 @@ def test_the_units_capabilities_suffice(probe_env: dict[str, object]) -> None:
 
 
 @pytest.mark.parametrize("cap", sorted(PROBED))
+@pytest.mark.e2e
+@pytest.mark.root
 def test_each_kept_capability_is_needed(probe_env: dict[str, object], cap: str) -> None:
     if not held(cap):
         pytest.skip(f"this test process lacks {cap}, so the probe cannot show it matters")

@@ -8,9 +8,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from harness import NOBODY, as_nobody
 
 from . import FakeController, serving
+
+pytestmark = pytest.mark.root
 
 CLIENT = """
 import json, sys

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import time
@@ -10,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import BIN, DaemonProc
+from harness import BIN, DaemonProc, running_daemon, wait_until
 from gpuguard.control.client import request
+
+pytestmark = pytest.mark.e2e
 
 GPU_STATES = {"healthy", "degraded", "faulted", "excluded", "resetting", "unknown"}
 
@@ -34,16 +35,10 @@ def test_status_json_matches_contract(daemon: DaemonProc) -> None:
 
 
 def test_simulated_ids_stable_across_restarts(tmp_path: Path) -> None:
-    first = DaemonProc(tmp_path / "a")
-    first.start()
-    ids = [(g["uuid"], g["pci_bus_id"]) for g in first.status()["gpus"]]
-    first.stop()
-    second = DaemonProc(tmp_path / "b")
-    second.start()
-    try:
+    with running_daemon(tmp_path / "a") as first:
+        ids = [(g["uuid"], g["pci_bus_id"]) for g in first.status()["gpus"]]
+    with running_daemon(tmp_path / "b") as second:
         assert [(g["uuid"], g["pci_bus_id"]) for g in second.status()["gpus"]] == ids
-    finally:
-        second.stop()
 
 
 def test_xid_79_faults_gpu_within_a_second(daemon: DaemonProc) -> None:
@@ -51,13 +46,10 @@ def test_xid_79_faults_gpu_within_a_second(daemon: DaemonProc) -> None:
     # leaves room for a loaded 2-core machine, the test's name says what is typical
     start = time.monotonic()
     request(daemon.socket, "inject", {"gpu": "1", "fault": "xid", "value": "79"})
-    while request(daemon.socket, "status", {})["gpus"][1]["state"] != "faulted":
-        assert time.monotonic() - start < 10, "GPU 1 not faulted"
-        time.sleep(0.01)
+    wait_until(lambda: request(daemon.socket, "status", {})["gpus"][1]["state"] == "faulted", 10, "GPU 1 faulted", 0.01)
     assert time.monotonic() - start < 3.0
     assert daemon.gpu(0)["state"] == "healthy"
-    events = json.loads(daemon.ctl("events", "--json", "--gpu", "1").stdout)
-    xids = [e for e in events if e["kind"] == "xid"]
+    xids = daemon.events("xid", gpu="1")
     assert xids and xids[0]["xid"] == 79 and xids[0]["severity"] == "critical"
     assert xids[0]["gpu"] == daemon.gpu(1)["uuid"]
     assert xids[0]["ts"].endswith("Z")
@@ -77,9 +69,7 @@ def test_check_healthy_and_unreachable(daemon: DaemonProc, tmp_path: Path) -> No
 
 
 def test_exclude_include_survive_restart(tmp_path: Path) -> None:
-    proc = DaemonProc(tmp_path)
-    proc.start()
-    try:
+    with running_daemon(tmp_path) as proc:
         proc.ctl("exclude", "0", "--reason", "flaky fan")
         assert proc.gpu(0)["state"] == "excluded" and proc.gpu(0)["reason"] == "flaky fan"
         assert proc.ctl("healthy", "--format", "index").stdout.strip() == "1"
@@ -91,10 +81,8 @@ def test_exclude_include_survive_restart(tmp_path: Path) -> None:
         assert proc.stop() == 0
         proc.start()
         assert proc.gpu(0)["state"] == "healthy"
-        kinds = [e["kind"] for e in json.loads(proc.ctl("events", "--json").stdout)]
+        kinds = proc.kinds()
         assert "gpu_excluded" in kinds and "gpu_included" in kinds
-    finally:
-        proc.stop()
 
 
 def test_nvml_hang_leaves_status_answering(daemon: DaemonProc) -> None:
@@ -106,8 +94,7 @@ def test_nvml_hang_leaves_status_answering(daemon: DaemonProc) -> None:
         assert time.monotonic() - start < 3.0  # never held by the 20 s NVML hang
         assert status["gpus"][0]["state"] == "unknown"
         assert status["gpus"][1]["state"] == "healthy"
-    kinds = {e["kind"] for e in json.loads(daemon.ctl("events", "--json").stdout)}
-    assert "nvml_timeout" in kinds
+    assert "nvml_timeout" in daemon.kinds()
 
 
 def test_inject_refuses_bad_fault(daemon: DaemonProc) -> None:
@@ -122,14 +109,12 @@ def test_reset_clears_reset_class_xid(daemon: DaemonProc) -> None:
     daemon.wait_for(lambda s: s["gpus"][0]["state"] == "faulted", what="GPU 0 faulted")
     daemon.ctl("reset", "0")
     daemon.wait_for(lambda s: s["gpus"][0]["state"] == "healthy", what="GPU 0 healthy after reset")
-    kinds = [e["kind"] for e in json.loads(daemon.ctl("events", "--json").stdout)]
-    assert "gpu_reset" in kinds
+    assert "gpu_reset" in daemon.kinds()
 
 
 def test_sigterm_exits_zero_and_bad_config_exits_two(tmp_path: Path) -> None:
-    proc = DaemonProc(tmp_path)
-    proc.start()
-    assert proc.stop() == 0
+    with running_daemon(tmp_path) as proc:
+        assert proc.stop() == 0
     bad = tmp_path / "bad.toml"
     bad.write_text("[monitor]\npoll_interval_s = 'fast'\n")
     result = subprocess.run(

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import socket
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import DaemonProc
+from harness import running_daemon, wait_until
+
+pytestmark = pytest.mark.e2e
 
 
 def _free_port() -> int:
@@ -38,9 +40,7 @@ def _value(samples: dict, name: str, **labels: str) -> float | None:
 
 def test_metrics_follow_injected_faults(tmp_path: Path) -> None:
     port = _free_port()
-    proc = DaemonProc(tmp_path, extra_config=f"[metrics]\nenabled = true\nport = {port}\n")
-    proc.start()
-    try:
+    with running_daemon(tmp_path, extra_config=f"[metrics]\nenabled = true\nport = {port}\n") as proc:
         before = _scrape(port)
         assert _value(before, "gpuguard_gpu_healthy", index="1") == 1.0
         assert _value(before, "gpuguard_build_info", backend="simulated") == 1.0
@@ -51,8 +51,6 @@ def test_metrics_follow_injected_faults(tmp_path: Path) -> None:
         assert _value(after, "gpuguard_gpu_state", index="1", state="faulted") == 1.0
         assert _value(after, "gpuguard_xid_total", index="1", xid="79") == 1.0
         assert _value(after, "gpuguard_gpu_healthy", index="0") == 1.0
-    finally:
-        proc.stop()
 
 
 def test_node_hooks_run_on_unhealthy_and_recovery(tmp_path: Path) -> None:
@@ -67,23 +65,14 @@ def test_node_hooks_run_on_unhealthy_and_recovery(tmp_path: Path) -> None:
         f'on_unhealthy = ["{sys.executable}", "{script}", "drain", "{{hostname}}", "{{gpus}}", "{{reason}}"]\n'
         f'on_recovered = ["{sys.executable}", "{script}", "resume", "{{state}}"]\n'
     )
-    proc = DaemonProc(tmp_path, extra_config=hooks)
-    proc.start()
-    try:
+    with running_daemon(tmp_path, extra_config=hooks) as proc:
         proc.ctl("exclude", "0", "--reason", "fan $(rm -rf /) noise")
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not record.exists():
-            time.sleep(0.05)
+        wait_until(record.exists, 5, "the on_unhealthy hook")
         calls = [json.loads(line) for line in record.read_text().splitlines()]
         assert calls[0][0] == "drain" and calls[0][2] == "0"
         assert "fan $(rm -rf /) noise" in calls[0][3]
         proc.ctl("include", "0")
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and len(record.read_text().splitlines()) < 2:
-            time.sleep(0.05)
+        wait_until(lambda: len(record.read_text().splitlines()) >= 2, 5, "the on_recovered hook")
         calls = [json.loads(line) for line in record.read_text().splitlines()]
         assert calls[-1] == ["resume", "healthy"]
-        kinds = [e["kind"] for e in json.loads(proc.ctl("events", "--json").stdout)]
-        assert kinds.count("node_hook") >= 2
-    finally:
-        proc.stop()
+        assert proc.kinds().count("node_hook") >= 2

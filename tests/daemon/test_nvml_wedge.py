@@ -5,11 +5,14 @@ probation passes."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from harness import DaemonProc
+import pytest
+
+from harness import running_daemon
+
+pytestmark = pytest.mark.e2e
 
 CONFIG = (
     "[health]\nnvml_wedged_after_s = 1.5\n"
@@ -24,9 +27,7 @@ POLITE = (
 
 
 def test_a_wedged_gpu_moves_its_job_and_returns_after_probation(tmp_path: Path) -> None:
-    d = DaemonProc(tmp_path, extra_config=CONFIG)
-    d.start()
-    try:
+    with running_daemon(tmp_path, extra_config=CONFIG, stop_jobs=["j"]) as d:
         gpu0, gpu1 = d.gpu(0)["uuid"], d.gpu(1)["uuid"]
         (tmp_path / "job.py").write_text(POLITE)
         d.ctl("run", "--name", "j", "--workdir", str(tmp_path), "--", sys.executable, str(tmp_path / "job.py"))
@@ -36,27 +37,19 @@ def test_a_wedged_gpu_moves_its_job_and_returns_after_probation(tmp_path: Path) 
                    what="the job moved off the wedged GPU")  # fmt: skip
         gpu = d.gpu(0)
         assert gpu["state"] == "excluded" and gpu["reason"].startswith("NVML wedged")
-        events = json.loads(d.ctl("events", "--json", "--limit", "500").stdout)
-        asked = [e for e in events if e["kind"] == "checkpoint_requested" and e["job"] == "j"]
+        asked = [e for e in d.events("checkpoint_requested") if e["job"] == "j"]
         assert asked and "NVML wedged" in asked[0]["message"]
-        stopped = next(e for e in events if e["kind"] == "job_stopping_done")
+        stopped = d.events("job_stopping_done")[0]
         assert "exit 75, after the checkpoint signal" in stopped["message"]  # the trainer could still answer
         d.wait_for(lambda s: s["gpus"][0]["state"] == "healthy", timeout_s=20, what="GPU 0 back after probation")
-        back = [e for e in json.loads(d.ctl("events", "--json", "--gpu", "0").stdout) if e["kind"] == "gpu_included"]
+        back = d.events("gpu_included", gpu="0")
         assert back and "NVML answered again" in back[-1]["message"]
-    finally:
-        d.ctl("stop", "j", check=False)
-        d.stop()
 
 
 def test_an_idle_wedged_gpu_is_excluded_too(tmp_path: Path) -> None:
     """No job needs to be on it: a wedged GPU must not be handed to the next job."""
-    d = DaemonProc(tmp_path, extra_config=CONFIG)
-    d.start()
-    try:
+    with running_daemon(tmp_path, extra_config=CONFIG) as d:
         d.ctl("inject", "1", "nvml-hang", "30")
         d.wait_for(lambda s: s["gpus"][1]["state"] == "excluded", timeout_s=15, what="GPU 1 excluded")
         assert d.gpu(1)["reason"].startswith("NVML wedged")
         assert d.ctl("healthy", "--format", "index").stdout.split() == ["0"]
-    finally:
-        d.stop()

@@ -3,11 +3,14 @@ the operator's word (it clears what gpuguard remembered about the GPU)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
-from harness import BIN, DaemonProc
+import pytest
+
+from harness import BIN, DaemonProc, running_daemon
+
+pytestmark = pytest.mark.e2e
 
 
 def test_a_second_daemon_on_the_same_state_dir_exits_2_naming_the_holder(daemon: DaemonProc, tmp_path: Path) -> None:
@@ -26,12 +29,10 @@ def test_a_second_daemon_on_the_same_state_dir_exits_2_naming_the_holder(daemon:
 
 
 def test_the_lock_is_released_when_the_daemon_stops(tmp_path: Path) -> None:
-    first = DaemonProc(tmp_path)
-    first.start()
-    assert first.stop() == 0
-    second = DaemonProc(tmp_path)
-    second.start()  # would exit 2 if the lock outlived its holder
-    assert second.stop() == 0
+    with running_daemon(tmp_path) as first:
+        assert first.stop() == 0
+    with running_daemon(tmp_path) as second:  # would exit 2 if the lock outlived its holder
+        assert second.stop() == 0
 
 
 def test_include_clears_a_fault_gpuguard_remembered(daemon: DaemonProc) -> None:
@@ -43,8 +44,7 @@ def test_include_clears_a_fault_gpuguard_remembered(daemon: DaemonProc) -> None:
     reply = daemon.ctl("include", "1", check=False)
     assert reply.returncode == 0, reply.stderr
     daemon.wait_for(lambda s: s["gpus"][1]["state"] == "healthy", what="GPU 1 healthy after include")
-    events = json.loads(daemon.ctl("events", "--gpu", "1", "--json").stdout)
-    included = [e for e in events if e["kind"] == "gpu_included"]
+    included = daemon.events("gpu_included", gpu="1")
     assert included and "uid 0" in included[-1]["message"]
 
 

@@ -11,13 +11,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
 
+from harness import wait_until
 from gpuguard.actions.hooks import NodeHooks
 from gpuguard.config import Config, MonitorConfig, ResetConfig
 from gpuguard.daemon.gpus import BY_GPUGUARD, Pool
@@ -31,15 +32,6 @@ from gpuguard.sim.backend import SimulatedBackend
 from gpuguard.store import EventStore, StoreError
 
 WAIT_S = 10.0  # generous: the reset worker is a thread on a loaded 2-core machine
-
-
-def wait_for(probe: Callable[[], Any], what: str, timeout_s: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (value := probe()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.01)
-    return value
 
 
 class Node:
@@ -146,8 +138,8 @@ class Node:
         uuid = self.uuids[index]
         before = len(self.events(EventKind.GPU_RESET, uuid))
         self.pool.reset_when_free(uuid, by=f"{BY_GPUGUARD} (job j)")
-        wait_for(lambda: len(self.events(EventKind.GPU_RESET, uuid)) > before, "the gpu_reset event")
-        wait_for(lambda: not any(t.name.startswith("reset-") for t in threading.enumerate()), "the reset worker's end")
+        wait_until(lambda: len(self.events(EventKind.GPU_RESET, uuid)) > before, WAIT_S, "the gpu_reset event", 0.01)
+        wait_until(lambda: not any(t.name.startswith("reset-") for t in threading.enumerate()), WAIT_S, "the reset worker's end", 0.01)
 
 
 def sim_node(tmp: Path, **reset: Any) -> Node:
@@ -461,7 +453,7 @@ def test_a_second_reset_of_a_gpu_is_refused_while_the_first_runs(real: tuple[Nod
     backend.calls.clear()
     first.start()
     try:
-        wait_for(seen.exists, "the first reset's command to run")
+        wait_until(seen.exists, WAIT_S, "the first reset's command to run", 0.01)
         assert n.pool.state(gpu1) == (GpuState.RESETTING, "reset in progress")
         second = n.pool.reset(gpu1, by="uid 0 (pid 2)")
         assert not second.ok and second.detail == "a reset of this GPU is already in progress"

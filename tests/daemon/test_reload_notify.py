@@ -6,57 +6,23 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from harness import DaemonProc, wait_until
+from harness import DaemonProc, NotifySocket, running_daemon
 
-
-class Listener:
-    """Every datagram sent to a NOTIFY_SOCKET the test binds, read on a thread
-    (a full socket queue would block the daemon's main loop)."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.seen: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.seen.append(self.sock.recv(4096).decode())
-            except TimeoutError:
-                continue
-
-    def after(self, start: int, prefix: str, timeout_s: float = 15.0) -> int:
-        """The index of the first datagram from `start` on that starts with `prefix`."""
-        return wait_until(
-            lambda: next((i + 1 for i, m in enumerate(self.seen[start:], start) if m.startswith(prefix)), 0),
-            timeout_s,
-            f"{prefix!r} after datagram {start}; got {self.seen[start:][:10]}",
-        ) - 1
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def listener(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Listener]:
+def listener(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
     path = tmp_path / "notify"
     monkeypatch.setenv("NOTIFY_SOCKET", str(path))  # DaemonProc passes the environment on
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
-    found = Listener(path)
+    found = NotifySocket(path)
     yield found
     found.close()
 
@@ -65,7 +31,7 @@ def monotonic_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
-def reload_and_wait(d: DaemonProc, listener: Listener) -> tuple[str, int, int]:
+def reload_and_wait(d: DaemonProc, listener: NotifySocket) -> tuple[str, int, int]:
     """SIGHUP; the RELOADING=1 datagram, its index and READY=1's index."""
     assert d.proc is not None
     start = len(listener.seen)
@@ -75,10 +41,8 @@ def reload_and_wait(d: DaemonProc, listener: Listener) -> tuple[str, int, int]:
     return listener.seen[reloading], reloading, ready
 
 
-def test_sighup_sends_reloading_then_ready(tmp_path: Path, listener: Listener) -> None:
-    d = DaemonProc(tmp_path)
-    d.start()
-    try:
+def test_sighup_sends_reloading_then_ready(tmp_path: Path, listener: NotifySocket) -> None:
+    with running_daemon(tmp_path) as d:
         started = listener.after(0, "READY=1")
         assert not any(m.startswith("RELOADING=1") for m in listener.seen[:started])
 
@@ -99,5 +63,4 @@ def test_sighup_sends_reloading_then_ready(tmp_path: Path, listener: Listener) -
         assert reloading < ready and "config_reload_failed" in d.log.read_text()
         assert d.status()["daemon"]["poll_interval_s"] == 0.3
         assert d.proc is not None and d.proc.poll() is None
-    finally:
         assert d.stop() == 0

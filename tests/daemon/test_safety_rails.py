@@ -22,28 +22,10 @@ import pytest
 from harness import BIN, DaemonProc, gone, wait_until
 from gpuguard.store import EventStore
 
+pytestmark = pytest.mark.e2e
+
 FAST_STOP = "[jobs]\ncheckpoint_grace_s = 0.5\nstop_timeout_s = 0.5\n"
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]  # catches no checkpoint signal: SIGTERM ends it
-
-
-def events(d: DaemonProc, kind: str | None = None, job: str | None = None) -> list[dict[str, Any]]:
-    found = json.loads(d.ctl("events", "--json", "--limit", "1000", *(["--job", job] if job else [])).stdout)
-    return [e for e in found if kind is None or e["kind"] == kind]
-
-
-def job_view(d: DaemonProc, name: str) -> dict[str, Any] | None:
-    return next((j for j in d.status()["jobs"] if j["name"] == name), None)
-
-
-def polls_after(d: DaemonProc, moment: float, polls: int = 3) -> None:
-    """Wait until the main loop has polled `polls` times after `moment`: every poll but
-    the last was followed by a full evaluation and tick, so whatever the daemon would
-    do about the state at `moment`, it has done."""
-    seen = moment
-    for _ in range(polls):
-        seen = wait_until(
-            lambda: (t := d.status()["daemon"]["last_poll_at"]) is not None and t > seen and t, 10, f"a poll after {seen}"
-        )  # fmt: skip
 
 
 @pytest.fixture
@@ -77,23 +59,23 @@ def test_the_daily_cap_refuses_a_second_reset_and_the_gpu_stays_excluded(proc: D
     gpu0 = one_gpu_job(d, "[reset]\nmax_per_gpu_per_day = 1\nprobation_s = 0.5\n")
 
     d.ctl("inject", "0", "xid", "95")  # reset class: excluded, reset once the job is off it, probation
-    wait_until(lambda: events(d, "gpu_included"), 15, "GPU 0 back after its reset and probation")
+    wait_until(lambda: d.events("gpu_included"), 15, "GPU 0 back after its reset and probation")
     d.wait_for(lambda s: s["jobs"][0]["state"] == "running" and s["jobs"][0]["attempt"] == 2, timeout_s=15, what="j back on GPU 0")
-    first = events(d, "gpu_reset")
+    first = d.events("gpu_reset")
     assert [(e["gpu"], e["ok"], e.get("skipped")) for e in first] == [(gpu0, True, None)]
-    assert job_view(d, "j")["gpus"] == [gpu0]  # type: ignore[index]
+    assert d.job("j")["gpus"] == [gpu0]
 
     d.ctl("inject", "0", "xid", "95")  # the same GPU, the same day: one reset was the cap
-    refused = wait_until(lambda: [e for e in events(d, "gpu_reset") if e.get("skipped")], 15, "the refused reset")
+    refused = wait_until(lambda: [e for e in d.events("gpu_reset") if e.get("skipped")], 15, "the refused reset")
     assert len(refused) == 1
     assert (refused[0]["gpu"], refused[0]["ok"], refused[0]["severity"]) == (gpu0, False, "error")
     assert "1 reset(s) in the last 24 h" in refused[0]["message"] and "stays excluded" in refused[0]["message"]
 
-    polls_after(d, time.time())  # probation_s and more: nothing brings it back
+    d.polls_after(time.time())  # probation_s and more: nothing brings it back
     gpu = d.gpu(0)
     assert gpu["state"] == "excluded" and gpu["health"] == "faulted"
-    assert [e["ok"] for e in events(d, "gpu_reset")] == [True, False]
-    assert len(events(d, "gpu_included")) == 1
+    assert [e["ok"] for e in d.events("gpu_reset")] == [True, False]
+    assert len(d.events("gpu_included")) == 1
     # a second fault move soon after the first backs off first (a job that does not stay up),
     # then finds no healthy GPU
     d.wait_for(lambda s: s["jobs"][0]["state"] == "waiting", timeout_s=15, what="j waiting for a GPU")
@@ -104,20 +86,20 @@ def test_a_fault_during_probation_keeps_the_gpu_excluded(proc: DaemonProc) -> No
     gpu0 = one_gpu_job(d, "[reset]\nprobation_s = 60\n")
 
     d.ctl("inject", "0", "xid", "95")
-    wait_until(lambda: events(d, "gpu_reset"), 15, "the reset after the job left GPU 0")
+    wait_until(lambda: d.events("gpu_reset"), 15, "the reset after the job left GPU 0")
     d.wait_for(lambda s: s["gpus"][0]["health"] == "healthy", what="GPU 0 healthy after its reset")
     assert d.gpu(0)["state"] == "excluded"  # on probation
 
     d.ctl("inject", "0", "thermal", "99")  # past temperature_faulted_c during probation
-    failed = wait_until(lambda: events(d, "gpu_probation_failed"), 10, "probation failed")
+    failed = wait_until(lambda: d.events("gpu_probation_failed"), 10, "probation failed")
     assert len(failed) == 1 and failed[0]["gpu"] == gpu0 and "stays excluded" in failed[0]["message"]
 
     d.ctl("inject", "0", "clear")  # healthy again; probation is over for good
     d.wait_for(lambda s: s["gpus"][0]["health"] == "healthy", what="GPU 0 healthy again")
-    polls_after(d, time.time())
+    d.polls_after(time.time())
     assert d.gpu(0)["state"] == "excluded"
-    assert events(d, "gpu_included") == [] and len(events(d, "gpu_probation_failed")) == 1
-    assert job_view(d, "j")["state"] == "waiting"  # type: ignore[index]
+    assert d.events("gpu_included") == [] and len(d.events("gpu_probation_failed")) == 1
+    assert d.job("j")["state"] == "waiting"
 
 
 # --- operator resets -----------------------------------------------------------
@@ -134,13 +116,13 @@ def test_a_reset_is_refused_while_a_process_holds_the_gpu(proc: DaemonProc) -> N
     pids = re.search(r"processes still hold the GPU \(pids ([\d, ]+)\)", refused.stderr)
     assert pids is not None, refused.stderr
     assert me in {int(p) for p in pids.group(1).split(", ")}
-    assert events(d, "gpu_reset") == []  # nothing was tried
+    assert d.events("gpu_reset") == []  # nothing was tried
 
     d.ctl("inject", "0", "detach", str(me))
     d.wait_for(lambda s: s["gpus"][0]["processes"] == [], what="GPU 0 free")
     done = d.ctl("reset", "0", check=False)
     assert done.returncode == 0, done.stderr
-    assert [e["ok"] for e in events(d, "gpu_reset")] == [True]
+    assert [e["ok"] for e in d.events("gpu_reset")] == [True]
 
 
 def test_a_second_reset_of_a_gpu_is_refused_while_the_first_runs(proc: DaemonProc) -> None:
@@ -162,7 +144,7 @@ def test_a_second_reset_of_a_gpu_is_refused_while_the_first_runs(proc: DaemonPro
             first.wait()
     assert first.returncode == 0, err
     d.wait_for(lambda s: s["gpus"][0]["state"] == "healthy", what="GPU 0 healthy after the reset")
-    resets = events(d, "gpu_reset")
+    resets = d.events("gpu_reset")
     assert [e["ok"] for e in resets] == [True] and resets[0]["argv"] == ["sleep", "3"]
 
 
@@ -175,12 +157,12 @@ def test_a_job_that_cannot_start_fails_with_the_reason(proc: DaemonProc, command
     d.start()
     d.ctl("run", "--name", "nope", "--workdir", str(d.tmp), "--", command, "--epochs", "3", check=False)
     d.wait_for(lambda s: s["jobs"] and s["jobs"][0]["state"] == "failed", what="the job failed")
-    job = job_view(d, "nope")
+    job = d.find_job("nope")
     assert job is not None and job["pid"] is None and job["gpus"] == []
     assert job["reason"].startswith("cannot start: ") and command in job["reason"], job["reason"]
-    failed = events(d, "job_failed", job="nope")
+    failed = d.events("job_failed", job="nope")
     assert len(failed) == 1 and "nope failed to start" in failed[0]["message"] and command in failed[0]["message"]
-    assert events(d, "job_started", job="nope") == []
+    assert d.events("job_started", job="nope") == []
     assert all(g["jobs"] == [] for g in d.status()["gpus"])
     # the daemon goes on: the next job starts
     d.ctl("run", "--name", "fine", "--workdir", str(d.tmp), "--", sys.executable, "-c", "pass")
@@ -230,6 +212,7 @@ def _freezer_available() -> bool:
 
 
 @pytest.mark.skipif(not _freezer_available(), reason="needs root and a cgroup v1 freezer hierarchy")
+@pytest.mark.root
 def test_a_process_that_survives_sigkill_is_reported(proc: DaemonProc) -> None:
     """A task frozen by the cgroup v1 freezer sleeps uninterruptibly: SIGKILL stays
     pending until it is thawed, as with a process stuck in the driver."""
@@ -238,7 +221,7 @@ def test_a_process_that_survives_sigkill_is_reported(proc: DaemonProc) -> None:
     d.start()
     d.ctl("run", "--name", "stuck", "--workdir", str(d.tmp), "--", *SLEEPER)
     d.wait_for(lambda s: job_view_of(s, "stuck")["state"] == "running", what="stuck running")
-    wrapper = job_view(d, "stuck")["pid"]  # type: ignore[index]
+    wrapper = d.job("stuck")["pid"]
     trainer = wait_until(lambda: psutil.Process(wrapper).children(), 5, "the job under its wrapper")[0]
     cgroup = FREEZER / f"gpuguard-test-{os.getpid()}-{trainer.pid}"
     cgroup.mkdir()
@@ -247,7 +230,7 @@ def test_a_process_that_survives_sigkill_is_reported(proc: DaemonProc) -> None:
         (cgroup / "freezer.state").write_text("FROZEN")
         wait_until(lambda: (cgroup / "freezer.state").read_text().strip() == "FROZEN", 5, "the job frozen")
         d.ctl("stop", "stuck")
-        incomplete = wait_until(lambda: events(d, "job_stop_incomplete", job="stuck"), 20, "job_stop_incomplete")
+        incomplete = wait_until(lambda: d.events("job_stop_incomplete", job="stuck"), 20, "job_stop_incomplete")
         assert len(incomplete) == 1 and incomplete[0]["severity"] == "error"
         assert f"processes survived SIGKILL: {trainer.pid}" in incomplete[0]["message"]
         assert not gone(trainer.pid)

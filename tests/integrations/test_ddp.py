@@ -19,7 +19,9 @@ from typing import Any
 import psutil
 import pytest
 
-from harness import DaemonProc, gone, wait_until
+from harness import DaemonProc, gone, running_daemon, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 torch = pytest.importorskip("torch")
 
@@ -49,8 +51,8 @@ def ranks_of(work: Path, attempt: int) -> list[dict[str, Any]]:
 class DdpSetup:
     """A daemon, a job workdir, and the pids to clean up if a test leaves any behind."""
 
-    def __init__(self, tmp: Path) -> None:
-        self.daemon = DaemonProc(tmp, gpus=2, extra_config=CONFIG)
+    def __init__(self, tmp: Path, daemon: DaemonProc) -> None:
+        self.daemon = daemon
         self.work = tmp / "work"
         self.work.mkdir()
         self.pids: set[int] = set()
@@ -65,7 +67,7 @@ class DdpSetup:
     def tree(self, name: str, attempt: int) -> tuple[int, int, list[int]]:
         """(gpuguard's main pid, torchrun's pid, the workers' pids) of a running attempt."""
         ranks = wait_until(lambda: ranks_of(self.work, attempt), START_S, f"both ranks of attempt {attempt}")
-        job = next(j for j in self.daemon.status()["jobs"] if j["name"] == name)
+        job = self.daemon.job(name)
         agent = ranks[0]["ppid"]
         workers = [r["pid"] for r in ranks]
         self.pids |= {job["pid"], agent, *workers}
@@ -88,13 +90,14 @@ class DdpSetup:
 
 @pytest.fixture
 def ddp(tmp_path: Path) -> Iterator[DdpSetup]:
-    s = DdpSetup(tmp_path)
-    s.daemon.start()
+    s: DdpSetup | None = None
     try:
-        yield s
-    finally:
-        s.daemon.stop()
-        s.cleanup()
+        with running_daemon(tmp_path, gpus=2, extra_config=CONFIG) as d:
+            s = DdpSetup(tmp_path, d)
+            yield s
+    finally:  # after the daemon's stop
+        if s is not None:
+            s.cleanup()
 
 
 def test_xid_79_stops_the_whole_tree_and_resumes_from_rank_0(ddp: DdpSetup) -> None:
@@ -120,12 +123,12 @@ def test_xid_79_stops_the_whole_tree_and_resumes_from_rank_0(ddp: DdpSetup) -> N
     log = ddp.log("ddp")
     assert "rank 0: checkpoint at step" in log and "rank 1: checkpoint at step" in log  # the signal reached both
 
-    job = next(j for j in d.status()["jobs"] if j["name"] == "ddp")
+    job = d.job("ddp")
     assert job["attempt"] == 2 and job["gpus"] == [gpu1] and job["restarts"] == 1
     # torchrun ends 1 however its workers exited (or, now and then, aborts in its own teardown:
     # seen once on a CI run as -6); 75 cannot come through, and gpuguard restarts it all the same
     assert job["exit_code"] in (1, -signal.SIGABRT)
-    kinds = [e["kind"] for e in json.loads(d.ctl("events", "--json", "--job", "ddp").stdout)]
+    kinds = d.kinds(job="ddp")
     assert "checkpoint_requested" in kinds and "job_crashed" not in kinds
     assert d.gpu(0)["state"] == "excluded" and gpu0 not in job["gpus"]
 
@@ -143,7 +146,7 @@ def test_stop_removes_workers_in_new_sessions_even_when_torchrun_dies_first(
     d.ctl("stop", "plain")
     d.wait_for(lambda s: any(j["name"] == "plain" and j["state"] == "stopped" for j in s["jobs"]), 15, "stopped")
     assert all(gone(pid) for pid in (main, agent, *workers)), ddp.log("plain")
-    events = json.loads(d.ctl("events", "--json", "--job", "plain").stdout)
+    events = d.events(job="plain")
     stopped = next(e for e in events if e["kind"] == "job_stopped")
     assert "checkpoint_unsupported" in [e["kind"] for e in events]
     assert f"exit -{int(signal.SIGUSR1)}" not in stopped["message"]  # torchrun was not killed by the signal

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import wait_until
 from gpuguard.integrations.atomic import temp_path, write_bytes_atomic
 from gpuguard.integrations.guard import Heartbeat, parse_signal, trim_results
 from gpuguard.integrations.resume import ResumePoint
@@ -156,11 +156,15 @@ class Job:
 
 
 def wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
+    """wait_until the condition holds, failing at once if the trainer exits first."""
+
+    def holds() -> bool:
+        if condition():
+            return True
         assert proc.poll() is None, f"trainer exited early with {proc.returncode}"
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+        return False
+
+    wait_until(holds, timeout, f"{getattr(condition, '__self__', condition)} while the trainer runs", interval=0.02)
 
 
 def result_epochs(save_dir: Path) -> list[int]:
@@ -217,6 +221,8 @@ def signalled(tmp_path_factory: pytest.TempPathFactory, data_yaml: Path, base_en
     return SignalledRun(job, outcomes, mtimes, checkpoints, best_at_exit)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow  # the module's signalled run (its fixture) takes ~25 s alone
 def test_checkpoint_signal_exits_75_and_resume_trains_exactly_the_requested_epochs(signalled: SignalledRun) -> None:
     import torch
     from ultralytics import YOLO
@@ -254,6 +260,8 @@ def trained_per_epoch(log: Path) -> tuple[int, dict[int, list[str]]]:
     return len(lines), per_epoch
 
 
+@pytest.mark.e2e
+@pytest.mark.slow  # the module's signalled run (its fixture) takes ~25 s alone
 def test_every_epoch_trains_every_image_exactly_once_across_the_interruptions(signalled: SignalledRun) -> None:
     """What the trainer itself was fed: the resumed attempts train the rest of each epoch, nothing twice."""
     batches, per_epoch = trained_per_epoch(signalled.job.root / "trained.jsonl")
@@ -262,6 +270,7 @@ def test_every_epoch_trains_every_image_exactly_once_across_the_interruptions(si
     assert {epoch: sorted(names) for epoch, names in per_epoch.items()} == {0: images, 1: images}
 
 
+@pytest.mark.e2e
 def test_periodic_checkpoint_bounds_what_a_sigkill_loses(tmp_path: Path, data_yaml: Path, base_env: dict[str, str]) -> None:
     """A trainer killed with no chance to save (a GPU gone mid-call) resumes from its last periodic checkpoint."""
     job = Job(tmp_path, data_yaml, base_env)
@@ -283,12 +292,15 @@ def test_periodic_checkpoint_bounds_what_a_sigkill_loses(tmp_path: Path, data_ya
     assert result_epochs(job.save_dir) == [1, 2]
 
 
+@pytest.mark.e2e
 def test_save_every_s_refuses_a_negative_interval(tmp_path: Path, data_yaml: Path, base_env: dict[str, str]) -> None:
     job = Job(tmp_path, data_yaml, base_env)
     rc, log = job.finish(job.start(1, flags=("--save-every-s", "-1")))
     assert rc == 2 and "--save-every-s must be 0 (off) or more" in log
 
 
+@pytest.mark.e2e
+@pytest.mark.slow  # the module's signalled run (its fixture) takes ~25 s alone
 def test_a_first_epoch_resume_keeps_optimizer_and_ema_state(signalled: SignalledRun) -> None:
     """Attempt 2 continues epoch 1, which Ultralytics cannot "resume": its optimizer and EMA still carry on."""
     states = [json.loads(line) for line in (signalled.job.root / "state.jsonl").read_text().splitlines()]
@@ -300,6 +312,8 @@ def test_a_first_epoch_resume_keeps_optimizer_and_ema_state(signalled: Signalled
     assert "first epoch continues with the optimizer, scaler and EMA state of" in log2
 
 
+@pytest.mark.e2e
+@pytest.mark.slow  # the module's signalled run (its fixture) takes ~25 s alone
 def test_mid_epoch_checkpoint_leaves_best_pt_alone(signalled: SignalledRun) -> None:
     import torch
 
@@ -314,6 +328,8 @@ def test_mid_epoch_checkpoint_leaves_best_pt_alone(signalled: SignalledRun) -> N
     assert signalled.best_at_exit[1] != signalled.midway_checkpoints[1].read_bytes()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow  # the module's signalled run (its fixture) takes ~25 s alone
 def test_finished_checkpoint_exits_0_without_training(signalled: SignalledRun) -> None:
     job = signalled.job
     before = (job.save_dir / "results.csv").read_bytes(), job.last.stat().st_mtime_ns
@@ -324,17 +340,23 @@ def test_finished_checkpoint_exits_0_without_training(signalled: SignalledRun) -
     assert ((job.save_dir / "results.csv").read_bytes(), job.last.stat().st_mtime_ns) == before
 
 
+@pytest.mark.e2e
+@pytest.mark.slow  # the module's signalled run (its fixture) takes ~25 s alone
 def test_heartbeat_is_touched_by_every_attempt(signalled: SignalledRun) -> None:
     mtimes = signalled.heartbeat_mtimes
     assert mtimes == sorted(mtimes) and mtimes[0] < mtimes[-1]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow  # the module's signalled run (its fixture) takes ~25 s alone
 def test_checkpoint_file_names_the_absolute_last_pt(signalled: SignalledRun) -> None:
     text = signalled.job.checkpoint_file.read_text().strip()
     assert Path(text).is_absolute()
     assert Path(text) == signalled.job.last.resolve()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_write_leaves_a_resumable_checkpoint(
     tmp_path: Path, data_yaml: Path, base_env: dict[str, str]
 ) -> None:

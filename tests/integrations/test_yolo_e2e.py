@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
+import pytest
 
-from harness import BIN, DaemonProc
+from harness import BIN, DaemonProc, running_daemon, wait_until
 from gpuguard import demo
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _epochs(results: Path) -> list[int]:
@@ -81,54 +84,38 @@ def _trainer(job_pid: int) -> psutil.Process:
     raise AssertionError("no trainer process found under the job")
 
 
+def _final(d: DaemonProc, name: str, timeout_s: float) -> dict[str, Any]:
+    """The job once it has succeeded or failed."""
+    return wait_until(
+        lambda: (job := d.job(name))["state"] in ("succeeded", "failed") and job, timeout_s, f"{name} to end", 0.5
+    )  # fmt: skip
+
+
 def test_sigstopped_trainer_is_seen_as_hung_restarted_and_completes(tmp_path: Path) -> None:
     data = tmp_path / "data"
     os.system(f"{BIN / 'gpuguard-yolo'} make-dataset {data} --train 96 > /dev/null")
-    proc = DaemonProc(
-        tmp_path,
-        extra_config="hang_timeout_s = 3.0\n[jobs]\ncheckpoint_grace_s = 2.0\nstop_timeout_s = 1.0\n",
-    )
     # hang_timeout_s belongs to [monitor], which DaemonProc's config ends with
-    proc.start()
-    try:
+    config = "hang_timeout_s = 3.0\n[jobs]\ncheckpoint_grace_s = 2.0\nstop_timeout_s = 1.0\n"
+    with running_daemon(tmp_path, extra_config=config) as proc:
         project = tmp_path / "runs"
         proc.ctl(
             "run", "--name", "y", "--workdir", str(tmp_path), "--",
             str(BIN / "gpuguard-yolo"), "train", "model=yolov8n.yaml", f"data={data / 'data.yaml'}", "epochs=3",
             "imgsz=64", "batch=8", "workers=0", f"project={project}", "name=h", "plots=False",
         )  # fmt: skip
-
-        def events() -> list[dict]:
-            return json.loads(proc.ctl("events", "--json", "--job", "y", "--limit", "200").stdout)
-
-        deadline = time.monotonic() + 120
-        while not any(e["kind"] == "snapshot_saved" for e in events()):
-            assert time.monotonic() < deadline, "no checkpoint after the first epoch"
-            time.sleep(0.2)
-        job = next(j for j in proc.status()["jobs"] if j["name"] == "y")
-        trainer = _trainer(job["pid"])
+        wait_until(lambda: proc.events("snapshot_saved", job="y"), 120, "a checkpoint after the first epoch", 0.2)
+        trainer = _trainer(proc.job("y")["pid"])
         trainer.send_signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
-        deadline = time.monotonic() + 60
-        while not any(e["kind"] == "hang" for e in events()):
-            assert time.monotonic() < deadline, "the hang was not detected"
-            time.sleep(0.2)
+        wait_until(lambda: proc.events("hang", job="y"), 60, "the hang detected", 0.2)
         assert time.monotonic() - stopped_at >= 2.5  # not before hang_timeout_s of idleness
-        deadline = time.monotonic() + 240
-        while True:
-            job = next(j for j in proc.status()["jobs"] if j["name"] == "y")
-            if job["state"] in ("succeeded", "failed"):
-                break
-            assert time.monotonic() < deadline, f"the run did not complete: {job}"
-            time.sleep(0.5)
+        job = _final(proc, "y", 240)
         assert job["state"] == "succeeded", job
         assert job["attempt"] >= 2
         assert not psutil.pid_exists(trainer.pid) or trainer.status() == psutil.STATUS_ZOMBIE
         assert _epochs(project / "h" / "results.csv") == [1, 2, 3]
-        kinds = [e["kind"] for e in events()]
+        kinds = proc.kinds(job="y")
         assert "hang" in kinds and "job_restarted" in kinds
-    finally:
-        proc.stop()
 
 
 def test_yolo_job_from_the_config_trains(tmp_path: Path) -> None:
@@ -143,19 +130,9 @@ def test_yolo_job_from_the_config_trains(tmp_path: Path) -> None:
         f'yolo = {{ model = "yolov8n.yaml", data = "{data / "data.yaml"}", epochs = 1, imgsz = 64, batch = 8, '
         f'workers = 0, project = "{project}", name = "cfg", plots = false, save_every_s = 300 }}\n'
     )
-    proc = DaemonProc(tmp_path, extra_config=extra)
-    proc.start()
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            job = next(j for j in proc.status()["jobs"] if j["name"] == "cfg-yolo")
-            if job["state"] in ("succeeded", "failed"):
-                break
-            assert time.monotonic() < deadline, job
-            time.sleep(0.5)
+    with running_daemon(tmp_path, extra_config=extra) as proc:
+        job = _final(proc, "cfg-yolo", 180)
         assert job["state"] == "succeeded", job
         assert job["command"][1:5] == ["train", "--save-every-s", "300", "batch=8"]
         assert job["checkpoint_path"] == str(project / "cfg" / "weights" / "last.pt")
         assert _epochs(project / "cfg" / "results.csv") == [1]
-    finally:
-        proc.stop()

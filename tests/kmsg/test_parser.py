@@ -20,9 +20,9 @@ from gpuguard.kmsg.parser import (
 )
 from gpuguard.observations import XidObservation
 
+from .nvrm_lines import BOOT, NOW, nvrm, xid
+
 CAPTURES = Path(__file__).parents[3] / "shared" / "testdata" / "kernel-log"
-BOOT = 1_700_000_000.0
-NOW = 1_800_000_000.0
 
 
 def captured(name: str) -> list[str]:
@@ -30,19 +30,6 @@ def captured(name: str) -> list[str]:
     if not path.exists():
         pytest.skip(f"kernel-log captures not found at {CAPTURES} (the shared folder beside the checkout)")
     return path.read_text(encoding="utf-8").splitlines()
-
-
-def nvrm(line: str) -> XidObservation | PciMapping | None:
-    record = parse_record(line)
-    assert record is not None
-    return parse_nvrm(record, boot_time=BOOT, now=NOW)
-
-
-def xid(line: str) -> XidObservation:
-    found = nvrm(line)
-    assert isinstance(found, XidObservation), line
-    assert found.source == "kmsg"
-    return found
 
 
 # --- real captures --------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 from gpuguard.kmsg.parser import KernelLogParser, PciMapping, parse_record
 from gpuguard.observations import XidObservation
 
-from .test_parser import BOOT, NOW
+from .nvrm_lines import BOOT, NOW
 
 UUID = "GPU-509665ad-b600-ac93-3616-d754b23d636d"
 PROBE_TEXT = (

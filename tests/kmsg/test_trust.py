@@ -7,7 +7,7 @@ import pytest
 
 from gpuguard.kmsg.parser import KernelLogParser, KmsgRecord, parse_nvrm, parse_record
 
-from .test_parser import BOOT, NOW, nvrm, xid
+from .nvrm_lines import BOOT, NOW, nvrm, xid
 
 XID79 = "NVRM: Xid (PCI:0000:3b:00): 79, pid=1234, name=python, GPU has fallen off the bus."
 

@@ -12,15 +12,18 @@ import pynvml
 import pytest
 from structlog.testing import capture_logs
 
+from harness import wait_until
 from gpuguard.nvml.backend import Backend, BackendUnavailable
 from gpuguard.nvml.deadline import DeadlineRunner
+from gpuguard.nvml.events import EVENT_WAIT_FNS
 from gpuguard.nvml.real import EVENT_SLICE_S, NvmlBackend
 from gpuguard.nvml.types import FindingKind, GpuProcess, NvmlEvent
 
 from .fake_pynvml import FakeNvml, make_gpus
 
-TIMEOUT_S = 0.3
-MARGIN_S = 0.25
+# the NVML deadline: long enough that no poll of the fake (every field, two GPUs) misses it on
+# a loaded 2-core machine (0.3 s was missed once)
+TIMEOUT_S = 1.0
 # an upper bound on a wait measured across threads: wide enough for a loaded 2-core
 # machine, still far below the hang it must not wait out
 SLACK_S = 2.0
@@ -235,10 +238,7 @@ def test_hung_gpu_gets_deadline_while_others_complete(fake: FakeNvml, backend: N
     assert "still blocked" in hung.findings[0].detail
 
     release.set()
-    deadline = time.monotonic() + 2.0
-    while backend.poll()[1].findings and time.monotonic() < deadline:
-        time.sleep(0.02)
-    recovered = backend.poll()[1]
+    recovered = wait_until(lambda: (snap := backend.poll()[1]).findings == () and snap, SLACK_S, "GPU 1 answering again", 0.02)
     assert recovered.findings == () and recovered.temperature_c == 55
 
 
@@ -353,14 +353,19 @@ def test_close_ends_a_waiting_wait_and_frees_the_set(fake: FakeNvml, backend: Nv
     backend.open()
     backend.wait_events(0.01)  # registers
     got: list[list[NvmlEvent]] = []
+    def waits() -> int:
+        return sum(fake.calls[(fn, None)] for fn in EVENT_WAIT_FNS)
+
+    before = waits()
     waiter = threading.Thread(target=lambda: got.append(backend.wait_events(5.0)))
     waiter.start()
-    time.sleep(0.05)
+    wait_until(lambda: waits() > before, SLACK_S, "the waiter inside nvmlEventSetWait", 0.01)
     start = time.monotonic()
     backend.close()
-    waiter.join(timeout=2.0)
+    waiter.join(timeout=EVENT_SLICE_S + SLACK_S)
     assert not waiter.is_alive() and got == [[]]
-    assert time.monotonic() - start < EVENT_SLICE_S + MARGIN_S
+    # within the slice it was waiting in (plus a loaded machine's slack), not the 5 s it asked for
+    assert time.monotonic() - start < EVENT_SLICE_S + SLACK_S
     assert fake.event_sets[0].freed and not fake.initialized
 
 

@@ -22,13 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from harness import DaemonProc
+from harness import running_daemon
+
+pytestmark = pytest.mark.e2e
 
 CHAOS = Path(__file__).resolve().parents[2] / "bench" / "chaos.py"
 TRAINER = Path(__file__).resolve().parents[1] / "supervisor" / "jobs" / "trainer.py"
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_short_chaos_run_holds_every_invariant(capsys: pytest.CaptureFixture[str]) -> None:
     done = subprocess.run(
         [sys.executable, str(CHAOS), "--seed", "7", "--duration", "40"], capture_output=True, text=True, timeout=230
@@ -42,19 +45,17 @@ def test_short_chaos_run_holds_every_invariant(capsys: pytest.CaptureFixture[str
 def test_a_job_in_backoff_is_not_listed_on_the_gpu_another_job_took(tmp_path: Path) -> None:
     """Regression (found by the chaos run): a crashed job in backoff kept its GPU as a
     preference, another job started there, and status listed the GPU under both jobs."""
-    d = DaemonProc(tmp_path, gpus=1, extra_config="[jobs]\nbackoff_initial_s = 30\nbackoff_max_s = 30\n")
-    d.start()
     try:
-        for name, flags in (("crashes", ["--crash"]), ("steady", [])):
-            work = tmp_path / name
-            work.mkdir()
-            d.ctl("run", "--name", name, "--workdir", str(work), "--", sys.executable, str(TRAINER), *flags)
-            if name == "crashes":
-                d.wait_for(lambda s: s["jobs"][0]["state"] == "backoff", timeout_s=10, what="the crash and its backoff")
-        d.wait_for(lambda s: any(j["name"] == "steady" and j["state"] == "running" for j in s["jobs"]), timeout_s=10, what="steady running")
-        assert d.gpu(0)["jobs"] == ["steady"]
+        with running_daemon(tmp_path, gpus=1, extra_config="[jobs]\nbackoff_initial_s = 30\nbackoff_max_s = 30\n") as d:
+            for name, flags in (("crashes", ["--crash"]), ("steady", [])):
+                work = tmp_path / name
+                work.mkdir()
+                d.ctl("run", "--name", name, "--workdir", str(work), "--", sys.executable, str(TRAINER), *flags)
+                if name == "crashes":
+                    d.wait_for(lambda s: s["jobs"][0]["state"] == "backoff", timeout_s=10, what="the crash and its backoff")
+            d.wait_for(lambda s: any(j["name"] == "steady" and j["state"] == "running" for j in s["jobs"]), timeout_s=10, what="steady running")
+            assert d.gpu(0)["jobs"] == ["steady"]
     finally:
-        d.stop()
         for line in (tmp_path / "steady" / "attempts.jsonl").read_text().splitlines():
             try:
                 os.kill(json.loads(line)["pid"], signal.SIGKILL)

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import DaemonProc
+from harness import DaemonProc, running_daemon
 from gpuguard.control.client import request
+
+pytestmark = pytest.mark.e2e
 
 CLIENTS = 50
 DURATION_S = 5.0
@@ -26,10 +28,8 @@ FAULTS = [("xid", "13"), ("xid", "79"), ("xid", "95"), ("ecc-sbe", "500"), ("nvm
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProc]:
-    d = DaemonProc(tmp_path_factory.mktemp("load"), gpus=4)
-    d.start()
-    yield d
-    d.stop()
+    with running_daemon(tmp_path_factory.mktemp("load"), gpus=4) as d:
+        yield d
 
 
 def stalled_client(path: Path) -> socket.socket:

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import BIN, DaemonProc
+from harness import BIN, running_daemon
 from gpuguard.config import ConfigError, load
 from supervisor.jobs.trainer import save_atomic
+
+pytestmark = pytest.mark.e2e
 
 TRAINER = Path(__file__).parent.parent / "supervisor" / "jobs" / "trainer.py"
 NOBODY = 65534
@@ -54,6 +56,7 @@ def test_a_state_dir_others_can_write_is_refused(tmp_path: Path, mode: int) -> N
 
 
 @needs_root
+@pytest.mark.root
 def test_a_state_dir_owned_by_another_user_is_refused(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
@@ -80,6 +83,7 @@ def test_a_world_writable_config_is_refused_by_the_daemon(tmp_path: Path) -> Non
         ((0, NOBODY), 0o664, f"writable by group {NOBODY}"),
     ],
 )
+@pytest.mark.root
 def test_a_config_others_can_change_is_refused(tmp_path: Path, owner: tuple[int, int], mode: int, fragment: str) -> None:
     config = config_file(tmp_path, mode)
     os.chown(config, *owner)
@@ -145,9 +149,7 @@ def test_a_checkpoint_symlink_out_of_the_workdir_is_never_followed(tmp_path: Pat
     outside = tmp_path / "outside"
     outside.mkdir()
     save_atomic(outside / "secret.pt", 99)  # a valid checkpoint the job must not be able to plant
-    d = DaemonProc(tmp_path, gpus=2, extra_config="[jobs]\ncheckpoint_grace_s = 2.0\nstop_timeout_s = 0.5\n")
-    d.start()
-    try:
+    with running_daemon(tmp_path, gpus=2, extra_config="[jobs]\ncheckpoint_grace_s = 2.0\nstop_timeout_s = 0.5\n") as d:
         file_link = tmp_path / "w1"
         file_link.mkdir()
         (file_link / "ck.pt").symlink_to(outside / "secret.pt")
@@ -164,11 +166,8 @@ def test_a_checkpoint_symlink_out_of_the_workdir_is_never_followed(tmp_path: Pat
         d.wait_for(lambda s: all(j["state"] == "succeeded" for j in s["jobs"]) and len(s["jobs"]) == 2,
                    timeout_s=20, what="both jobs succeeded")
         for name in ("filelink", "dirlink"):
-            events = json.loads(d.ctl("events", "--json", "--job", name, "--limit", "200").stdout)
-            kinds = [e["kind"] for e in events]
+            kinds = d.kinds(job=name)
             assert "snapshot_rejected" in kinds and "snapshot_saved" not in kinds, kinds
             assert json.loads(d.ctl("snapshots", name, "--json").stdout) == []
             assert not list((d.state_dir / "snapshots" / name).glob("*.pt"))
         assert (outside / "secret.pt").exists()
-    finally:
-        d.stop()

@@ -19,7 +19,10 @@ from pathlib import Path
 import pytest
 
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to lower a score and start jobs as nobody")
+pytestmark = [
+    pytest.mark.e2e, pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to lower a score and start jobs as nobody"),
+]
 
 CAP_SYS_RESOURCE = 24
 

@@ -25,7 +25,10 @@ from gpuguard.supervisor.job import Job
 from gpuguard.supervisor.jobspec import JobSpec
 from gpuguard.supervisor.process import UserSpec, spawn
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start jobs as nobody")
+pytestmark = [
+    pytest.mark.e2e, pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start jobs as nobody"),
+]
 
 NAME = "train"
 SECRET = "root-only-secret-4711\n"

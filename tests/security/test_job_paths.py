@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from checkpoint_files import make_checkpoint
 from harness import as_nobody
 from gpuguard.events import EventKind
 from gpuguard.health.types import Severity
@@ -31,9 +32,11 @@ from gpuguard.supervisor.job import Job
 from gpuguard.supervisor.jobspec import JobSpec
 from gpuguard.supervisor.process import UserSpec
 from gpuguard.supervisor.snapshots import AddResult, SnapshotRing
-from supervisor.test_checkpoints import make_checkpoint
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files as root and as nobody")
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files as root and as nobody"),
+]
 
 NOBODY = pwd.getpwnam("nobody")
 AS_NOBODY = UserSpec(NOBODY.pw_uid, NOBODY.pw_gid, ())

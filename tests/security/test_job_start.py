@@ -12,18 +12,20 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-
+from harness import wait_until
 from gpuguard.supervisor import exitcode
 from gpuguard.supervisor.process import WRAPPER_ENV, UserSpec, spawn
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start jobs as nobody")
+pytestmark = [
+    pytest.mark.e2e, pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start jobs as nobody"),
+]
 
 SECRET = "root-only-secret-4711"
 # Every process that loads it leaves a file uid-PID holding "UID EUID".
@@ -119,10 +121,7 @@ def test_the_root_wrapper_starts_with_none_of_the_job_env(open_dir: Path, nobody
         log_path=open_dir / "job.log",
     )
     try:
-        deadline = time.monotonic() + 10
-        while not (inner := [p for p in job.tree() if p.pid != job.pid]):
-            assert time.monotonic() < deadline, "the job's process never appeared"
-            time.sleep(0.02)
+        inner = wait_until(lambda: [p for p in job.tree() if p.pid != job.pid], 10, "the job's process", 0.02)
         assert psutil.Process(job.pid).uids().real == 0
         assert _environ(job.pid) == dict(WRAPPER_ENV)
         assert os.readlink(f"/proc/{job.pid}/cwd") == "/"

@@ -125,6 +125,7 @@ def checks_as_root(path: Path, duration_s: float) -> list[tuple[str, float]]:
     return out
 
 
+@pytest.mark.root
 def test_check_answers_while_another_uid_holds_and_churns_connections(
     nobody_python: str, open_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -8,83 +8,32 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import textwrap
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
+from harness import gone, wait_until
 from gpuguard.supervisor import cgroup
 from gpuguard.supervisor.process import JobProcess, adopt, spawn
 
+from .escaping_job import escaping_job
+
+pytestmark = pytest.mark.e2e
+
 PY = sys.executable
-SLEEP = shutil.which("sleep") or "/bin/sleep"
-
-# The job: its child starts a new session and forks the escapee, then exits, so the escapee is
-# reparented away (to init: pytest is no subreaper). The escapee ignores SIGTERM and execs with
-# an empty environment: no GPUGUARD_WRAPPER_PID leads back to the job. The job's main process
-# ignores SIGTERM too, so the stop reaches its kill phase.
-ESCAPING_JOB = """
-import os, signal, sys, time
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-middle = os.fork()
-if middle == 0:
-    os.setsid()
-    escapee = os.fork()
-    if escapee == 0:
-        os.execve({sleep!r}, ["sleep", "60"], {{}})
-    with open({pidfile!r} + ".tmp", "w") as f:
-        f.write(str(escapee))
-    os.rename({pidfile!r} + ".tmp", {pidfile!r})
-    os._exit(0)
-os.waitpid(middle, 0)
-print("ready", flush=True)
-time.sleep(60)
-"""
-
-
-def _wait_for(check: Callable[[], object], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def escaping_job(tmp: Path) -> tuple[str, Path]:
-    """The job's script and the file where it writes the escapee's pid."""
-    pidfile = tmp / "escapee.pid"
-    return textwrap.dedent(ESCAPING_JOB.format(sleep=SLEEP, pidfile=str(pidfile))), pidfile
 
 
 def wait_escapee(pidfile: Path, log: Path, wrapper: int) -> int:
     """The escapee's pid, once the job says it is reparented away (out of the wrapper's session)."""
-    _wait_for(lambda: log.exists() and "ready" in log.read_text())
+    wait_until(lambda: log.exists() and "ready" in log.read_text(), 10, "the job's escapee reparented away", interval=0.01)
     pid = int(pidfile.read_text())
     assert os.getsid(pid) != wrapper and psutil.Process(pid).ppid() != os.getpid()
     return pid
-
-
-@pytest.fixture
-def needs_cgroup(tmp_path: Path) -> None:
-    """Skip unless this process can make a job cgroup (a writable cgroup v2 holds its own cgroup)."""
-    probe = cgroup.create("probe", tmp_path / "probe-status")
-    if probe is None:
-        pytest.skip("no writable cgroup v2 hierarchy")
-    probe.remove()
 
 
 class Leftovers:
@@ -101,11 +50,11 @@ class Leftovers:
                 job.cgroup.kill()
             job.wait(2)
         for pid in self.pids:
-            if not _gone(pid):
+            if not gone(pid):
                 psutil.Process(pid).kill()
         for job in self.jobs:
             if job.cgroup is not None:
-                _wait_for(job.cgroup.remove, 2)
+                wait_until(job.cgroup.remove, 2, "the job's cgroup removed", interval=0.01)
 
 
 @pytest.fixture
@@ -126,6 +75,7 @@ def start(tmp: Path, name: str, left: Leftovers) -> tuple[JobProcess, int]:
     return job, escapee
 
 
+@pytest.mark.root
 def test_an_escapee_is_in_the_tree_and_dies_with_the_job(
     tmp_path: Path, needs_cgroup: None, left: Leftovers
 ) -> None:
@@ -136,10 +86,11 @@ def test_an_escapee_is_in_the_tree_and_dies_with_the_job(
     result = job.stop(None, grace_s=0, term_timeout_s=0.3)
     assert (result.phase, result.returncode, result.survivors) == ("kill", -signal.SIGKILL, ())
     assert escapee in result.killed
-    _wait_for(lambda: _gone(escapee))
+    wait_until(lambda: gone(escapee), 10, "the escapee's end", interval=0.01)
     assert not job.cgroup.path.exists()
 
 
+@pytest.mark.root
 def test_without_cgroup_kill_every_member_is_killed_one_by_one(
     tmp_path: Path, needs_cgroup: None, left: Leftovers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -148,7 +99,7 @@ def test_without_cgroup_kill_every_member_is_killed_one_by_one(
     job, escapee = start(tmp_path, "escape", left)
     result = job.stop(None, grace_s=0, term_timeout_s=0.3)
     assert (result.phase, result.survivors) == ("kill", ())
-    _wait_for(lambda: _gone(escapee))
+    wait_until(lambda: gone(escapee), 10, "the escapee's end", interval=0.01)
 
 
 OLD_DAEMON = """
@@ -163,6 +114,7 @@ time.sleep(30)
 """
 
 
+@pytest.mark.root
 def test_an_adopted_job_still_finds_and_kills_its_escapee(
     tmp_path: Path, needs_cgroup: None, left: Leftovers
 ) -> None:
@@ -188,7 +140,7 @@ def test_an_adopted_job_still_finds_and_kills_its_escapee(
     assert escapee in result.killed and result.survivors == ()
     # the wrapper, outside the cgroup, recorded how the job's main process died
     assert (result.phase, result.returncode) == ("kill", -signal.SIGKILL)
-    _wait_for(lambda: _gone(escapee))
+    wait_until(lambda: gone(escapee), 10, "the escapee's end", interval=0.01)
     assert not job.cgroup.path.exists()
 
 
@@ -201,4 +153,4 @@ def test_without_a_cgroup_the_job_runs_as_before(
     assert job.cgroup is None
     result = job.stop(None, grace_s=0, term_timeout_s=0.3)
     assert (result.phase, result.returncode, result.survivors) == ("kill", -signal.SIGKILL, ())
-    assert not _gone(escapee)  # what process-tree tracking cannot catch: it left the tree unseen
+    assert not gone(escapee)  # what process-tree tracking cannot catch: it left the tree unseen

@@ -12,27 +12,21 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness import DaemonProc, gone, wait_until
+from harness import DaemonProc, gone, running_daemon, wait_until
 from gpuguard.supervisor import cgroup
 
-from .test_cgroup import escaping_job, needs_cgroup  # noqa: F401
+from .escaping_job import escaping_job
 
 FAST = "[jobs]\ncheckpoint_grace_s = 1\nstop_timeout_s = 0.5\n"
 
 
+pytestmark = [pytest.mark.e2e, pytest.mark.root]
+
+
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[DaemonProc]:
-    d = DaemonProc(tmp_path, gpus=2, extra_config=FAST)
-    d.start()
-    try:
+    with running_daemon(tmp_path, gpus=2, extra_config=FAST) as d:
         yield d
-    finally:
-        if d.proc is not None:
-            d.stop()
-
-
-def job_view(d: DaemonProc, name: str) -> dict[str, object]:
-    return next(j for j in d.status()["jobs"] if j["name"] == name)
 
 
 def test_an_escapee_dies_at_stop_after_a_daemon_restart(daemon: DaemonProc, needs_cgroup: None) -> None:
@@ -47,21 +41,21 @@ def test_an_escapee_dies_at_stop_after_a_daemon_restart(daemon: DaemonProc, need
         log = d.state_dir / "jobs" / name / "output.log"
         wait_until(lambda: log.exists() and "ready" in log.read_text(), 10, "the escapee reparented away")
         escapee = int(pidfile.read_text())
-        wrapper = int(job_view(d, name)["pid"])  # type: ignore[call-overload]
+        wrapper = int(d.job(name)["pid"])
         assert psutil.Process(escapee).ppid() != wrapper and os.getsid(escapee) != wrapper
 
         d.stop(signal.SIGKILL)
         assert not gone(escapee) and not gone(wrapper)
         d.start()
-        assert job_view(d, name)["state"] == "running"
+        assert d.job(name)["state"] == "running"
         assert cgroup.find(name, status) is not None
 
         d.ctl("stop", name)
-        d.wait_for(lambda s: job_view(d, name)["state"] == "stopped", timeout_s=10, what="the job stopped")
+        d.wait_for(lambda s: d.job(name)["state"] == "stopped", timeout_s=10, what="the job stopped")
         wait_until(lambda: gone(escapee), 5, "the escapee's end")
         assert gone(wrapper)
         # the wrapper recorded the exit: the job's main process ignores SIGTERM and was SIGKILLed
-        assert job_view(d, name)["exit_code"] == -signal.SIGKILL
+        assert d.job(name)["exit_code"] == -signal.SIGKILL
         assert cgroup.find(name, status) is None  # removed once empty
     finally:  # a failed test leaves no job behind (jobs outlive their daemon by design)
         left = cgroup.find(name, status)

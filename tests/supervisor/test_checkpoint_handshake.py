@@ -5,12 +5,14 @@ event says so; a job that handles the signal still gets it."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
-from harness import DaemonProc
+import pytest
+
+from harness import DaemonProc, running_daemon
+
+pytestmark = pytest.mark.e2e
 
 FAST = "[jobs]\ncheckpoint_grace_s = 5\nstop_timeout_s = 2\n"
 NO_HANDLER = "import time\nopen('started', 'w').close()\ntime.sleep(120)\n"
@@ -20,10 +22,6 @@ HANDLER = (
     "open('started', 'w').close()\n"
     "time.sleep(120)\n"
 )
-
-
-def events(d: DaemonProc, job: str) -> list[dict[str, Any]]:
-    return json.loads(d.ctl("events", "--json", "--limit", "1000", "--job", job).stdout)
 
 
 def start(d: DaemonProc, tmp_path: Path, name: str, script: str) -> None:
@@ -43,46 +41,32 @@ def fault_its_gpu(d: DaemonProc, name: str) -> None:
 
 
 def test_a_job_without_a_handler_gets_sigterm_at_once_and_an_event(tmp_path: Path) -> None:
-    d = DaemonProc(tmp_path, gpus=2, extra_config=FAST)
-    d.start()
-    try:
+    with running_daemon(tmp_path, gpus=2, extra_config=FAST, stop_jobs=["plain"]) as d:
         start(d, tmp_path, "plain", NO_HANDLER)
         fault_its_gpu(d, "plain")
-        seen = events(d, "plain")
+        seen = d.events(job="plain")
         unsupported = [e for e in seen if e["kind"] == "checkpoint_unsupported"]
         assert len(unsupported) == 1 and "SIGUSR1" in unsupported[0]["message"]
         stopped = next(e for e in seen if e["kind"] == "job_stopping_done")
         assert "after SIGTERM" in stopped["message"] and "exit -10" not in stopped["message"]
-    finally:
-        d.ctl("stop", "plain", check=False)  # a daemon's stop leaves its jobs running
-        d.stop()
 
 
 def test_a_job_with_a_handler_still_gets_the_checkpoint_signal(tmp_path: Path) -> None:
-    d = DaemonProc(tmp_path, gpus=2, extra_config=FAST)
-    d.start()
-    try:
+    with running_daemon(tmp_path, gpus=2, extra_config=FAST, stop_jobs=["polite"]) as d:
         start(d, tmp_path, "polite", HANDLER)
         fault_its_gpu(d, "polite")
-        seen = events(d, "polite")
+        seen = d.events(job="polite")
         assert not [e for e in seen if e["kind"] == "checkpoint_unsupported"]
         stopped = next(e for e in seen if e["kind"] == "job_stopping_done")
         assert "exit 75, after the checkpoint signal" in stopped["message"]
-    finally:
-        d.ctl("stop", "polite", check=False)  # a daemon's stop leaves its jobs running
-        d.stop()
 
 
 def test_exit_75_nobody_asked_for_backs_off_and_counts_toward_max_restarts(tmp_path: Path) -> None:
     """`sh -c 'exit 75'` restarted about once a second forever; now it gives up after --max-restarts."""
-    d = DaemonProc(tmp_path, gpus=1, extra_config=FAST + "backoff_initial_s = 0.1\nbackoff_max_s = 0.4\n")
-    d.start()
-    try:
+    with running_daemon(tmp_path, gpus=1, extra_config=FAST + "backoff_initial_s = 0.1\nbackoff_max_s = 0.4\n") as d:
         d.ctl("run", "--name", "asker", "--max-restarts", "3", "--workdir", str(tmp_path), "--", "sh", "-c", "exit 75")
         d.wait_for(lambda s: s["jobs"][0]["state"] == "failed", timeout_s=20, what="the job to give up")
         job = d.status()["jobs"][0]
         assert job["attempt"] == 4 and job["restarts"] == 3
         assert "exit 75 unasked" in job["reason"] and "max_restarts 3" in job["reason"]
-        assert [e["kind"] for e in events(d, "asker")].count("job_restart_requested") == 3
-    finally:
-        d.stop()
+        assert d.kinds(job="asker").count("job_restart_requested") == 3

@@ -7,13 +7,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
+from harness import wait_until
 from gpuguard.config import JobsConfig
 from gpuguard.supervisor.foreign import UNKNOWN, decide, in_mask, judge, listed, send, signal_mask
 
@@ -159,8 +159,6 @@ def test_send_delivers_to_the_process_judged(started: list[subprocess.Popen[str]
     verdict, create_time = judge(proc.pid, USR1, NEVER)
     assert verdict.send and create_time is not None
     assert send(proc.pid, create_time, USR1) is None
-    deadline = time.monotonic() + 5
-    while not flag.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(flag.exists, 5, "the handler's file", 0.02)
     assert flag.read_text() == "1" and proc.poll() is None
     assert send(proc.pid, create_time + 10, USR1) == "it exited before the signal was sent"  # not the same process

@@ -6,7 +6,6 @@ itself and kills only the processes it started."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -17,7 +16,9 @@ from typing import Any
 import psutil
 import pytest
 
-from harness import DaemonProc, wait_until
+from harness import DaemonProc, running_daemon, wait_until
+
+pytestmark = pytest.mark.e2e
 
 AGENT = "gg-test-agent"  # the argv[0] of a process put on the never-signal list by a config reload
 
@@ -54,21 +55,15 @@ def start(procs: list[subprocess.Popen[str]], code: str, argv0: str | None = Non
     return proc
 
 
-def events(d: DaemonProc) -> list[dict[str, Any]]:
-    return json.loads(d.ctl("events", "--json", "--limit", "1000").stdout)
-
-
 def about(d: DaemonProc, pid: int) -> dict[str, Any] | None:
     """The one event on a foreign holder with this pid, once it is there."""
-    found = [e for e in events(d) if e.get("pid") == pid and e["kind"] in ("checkpoint_requested", "foreign_not_signalled")]
+    found = [e for e in d.events() if e.get("pid") == pid and e["kind"] in ("checkpoint_requested", "foreign_not_signalled")]
     assert len(found) <= 1, found
     return found[0] if found else None
 
 
 def test_only_a_foreign_holder_that_handles_the_signal_gets_it(tmp_path: Path, procs: list[subprocess.Popen[str]]) -> None:
-    d = DaemonProc(tmp_path, gpus=2, extra_config='[jobs]\nforeign_never_signal = ["nv-hostengine"]\n')
-    try:
-        d.start()
+    with running_daemon(tmp_path, gpus=2, extra_config='[jobs]\nforeign_never_signal = ["nv-hostengine"]\n') as d:
         # the list is live: a reload (SIGHUP) adds the agent's name before the fault
         d.config.write_text(d.config.read_text().replace('["nv-hostengine"]', f'["nv-hostengine", "{AGENT}"]'))
         assert d.proc is not None
@@ -124,14 +119,10 @@ def test_only_a_foreign_holder_that_handles_the_signal_gets_it(tmp_path: Path, p
         d.wait_for(lambda s: s["daemon"]["last_poll_at"] > seen + 0.5, what="a few more polls")
         assert all(about(d, pid) for pid in pids)
         assert handler.poll() is None and plain.poll() is None and agent.poll() is None
-    finally:
-        if d.proc is not None:
-            d.stop()
 
 
 def test_a_foreign_holder_is_asked_again_when_its_gpu_faults_again(tmp_path: Path, procs: list[subprocess.Popen[str]]) -> None:
     """Once per fault, not once ever: after a reset the same long-lived process gets the next request too."""
-    d = DaemonProc(tmp_path, gpus=1)
     got = tmp_path / "got"
     code = (
         "import signal, time\n"
@@ -139,8 +130,7 @@ def test_a_foreign_holder_is_asked_again_when_its_gpu_faults_again(tmp_path: Pat
         "print('ready', flush=True)\n"
         "time.sleep(120)\n"
     )
-    try:
-        d.start()
+    with running_daemon(tmp_path, gpus=1) as d:
         holder = start(procs, code)
         for round_ in (1, 2):
             d.ctl("inject", "0", "attach", str(holder.pid))
@@ -150,8 +140,5 @@ def test_a_foreign_holder_is_asked_again_when_its_gpu_faults_again(tmp_path: Pat
             d.ctl("inject", "0", "detach", str(holder.pid))  # nothing may hold a GPU being reset
             d.ctl("reset", "0")
             d.wait_for(lambda s: s["gpus"][0]["state"] == "healthy", what="GPU 0 healthy after its reset")
-        asked = [e for e in events(d) if e.get("pid") == holder.pid and e["kind"] == "checkpoint_requested"]
+        asked = [e for e in d.events("checkpoint_requested") if e.get("pid") == holder.pid]
         assert len(asked) == 2 and holder.poll() is None
-    finally:
-        if d.proc is not None:
-            d.stop()

@@ -5,12 +5,14 @@ for stable_after_s is cleared."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
-from harness import DaemonProc
+import pytest
+
+from harness import DaemonProc, running_daemon
+
+pytestmark = pytest.mark.e2e
 
 FAST = (
     "hang_timeout_s = 1.0\nhang_startup_timeout_s = 1.0\n"
@@ -29,14 +31,6 @@ ONCE = (
 )
 
 
-def events(d: DaemonProc) -> list[dict[str, Any]]:
-    return json.loads(d.ctl("events", "--json", "--limit", "1000").stdout)
-
-
-def job(d: DaemonProc, name: str) -> dict[str, Any]:
-    return next(j for j in d.status()["jobs"] if j["name"] == name)
-
-
 def run(d: DaemonProc, tmp_path: Path, name: str, script: str) -> None:
     path = tmp_path / f"{name}.py"
     path.write_text(script)
@@ -44,42 +38,31 @@ def run(d: DaemonProc, tmp_path: Path, name: str, script: str) -> None:
 
 
 def test_a_job_that_hangs_on_two_gpus_is_the_cause_and_no_gpu_is_excluded(tmp_path: Path) -> None:
-    d = DaemonProc(tmp_path, extra_config=FAST)
-    d.start()
-    try:
+    with running_daemon(tmp_path, extra_config=FAST, stop_jobs=["stuck"]) as d:
         gpu0, gpu1 = d.gpu(0)["uuid"], d.gpu(1)["uuid"]
         run(d, tmp_path, "stuck", SILENT)
         d.wait_for(lambda s: s["gpus"][0]["suspect"] == ["stuck"], timeout_s=20, what="GPU 0 suspect")
-        d.wait_for(lambda s: job(d, "stuck")["gpus"] == [gpu1], timeout_s=20, what="the restart on GPU 1")
-        d.wait_for(lambda s: any(e["kind"] == "gpu_suspicion_lifted" for e in events(d)), timeout_s=20, what="the second hang")
+        d.wait_for(lambda s: d.job("stuck")["gpus"] == [gpu1], timeout_s=20, what="the restart on GPU 1")
+        d.wait_for(lambda s: d.events("gpu_suspicion_lifted"), timeout_s=20, what="the second hang")
         status = d.status()
         assert [g["state"] for g in status["gpus"]] == ["healthy", "healthy"]
         assert [g["suspect"] for g in status["gpus"]] == [[], []]
-        kinds = [e["kind"] for e in events(d)]
+        kinds = d.kinds()
         assert kinds.count("hang") >= 2 and "gpu_excluded" not in kinds
-        lifted = next(e for e in events(d) if e["kind"] == "gpu_suspicion_lifted")
+        lifted = d.events("gpu_suspicion_lifted")[0]
         assert lifted["gpu"] == gpu0 and "the job, not the GPU" in lifted["message"]
-    finally:
-        d.ctl("stop", "stuck", check=False)
-        d.stop()
 
 
 def test_a_suspect_gpu_is_avoided_then_cleared_by_a_stable_run(tmp_path: Path) -> None:
-    d = DaemonProc(tmp_path, extra_config=FAST)
-    d.start()
-    try:
+    with running_daemon(tmp_path, extra_config=FAST, stop_jobs=["once", "next"]) as d:
         gpu0, gpu1 = d.gpu(0)["uuid"], d.gpu(1)["uuid"]
         run(d, tmp_path, "once", ONCE)
         d.wait_for(lambda s: s["gpus"][0]["suspect"] == ["once"], timeout_s=20, what="GPU 0 suspect")
-        d.wait_for(lambda s: job(d, "once")["gpus"] == [gpu1] and job(d, "once")["state"] == "running", timeout_s=20,
+        d.wait_for(lambda s: d.job("once")["gpus"] == [gpu1] and d.job("once")["state"] == "running", timeout_s=20,
                    what="the restart on the clean GPU")  # fmt: skip
         run(d, tmp_path, "next", ONCE.replace("== '1'", "== 'never'"))  # heartbeats from the start
-        d.wait_for(lambda s: job(d, "next")["gpus"] == [gpu0], what="the only free GPU, suspect or not")
+        d.wait_for(lambda s: d.job("next")["gpus"] == [gpu0], what="the only free GPU, suspect or not")
         d.wait_for(lambda s: s["gpus"][0]["suspect"] == [], timeout_s=20, what="the suspicion lifted by a stable run")
-        lifted = next(e for e in events(d) if e["kind"] == "gpu_suspicion_lifted")
+        lifted = d.events("gpu_suspicion_lifted")[0]
         assert "without a hang" in lifted["message"]
         assert d.gpu(0)["state"] == "healthy"
-    finally:
-        for name in ("once", "next"):
-            d.ctl("stop", name, check=False)
-        d.stop()

@@ -17,35 +17,27 @@ from pathlib import Path
 import psutil
 import pytest
 
+from harness import gone, wait_until
 from gpuguard.supervisor import exitcode, pids
 from gpuguard.supervisor.process import JobProcess, UserSpec, adopt, spawn
 
+pytestmark = pytest.mark.e2e
+
 PY = sys.executable
-
-
-def _wait_for(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 def _log_has(path: Path, text: str) -> Callable[[], bool]:
     return lambda: path.exists() and text in path.read_text()
 
 
+def _wait_log(path: Path, text: str) -> None:
+    wait_until(_log_has(path, text), 5, f"{text!r} in {path}", 0.01)
+
+
 def _pid_from_log(path: Path, tag: str) -> int:
-    _wait_for(_log_has(path, tag + "="))
+    _wait_log(path, tag + "=")
     line = next(ln for ln in path.read_text().splitlines() if ln.startswith(tag + "="))
     return int(line.split("=", 1)[1])
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 class Jobs:
@@ -119,7 +111,7 @@ def test_missing_command_fails_at_spawn(tmp_path: Path) -> None:
 
 def test_checkpoint_handshake_exit_75(jobs: Jobs) -> None:
     job, log = jobs.start(TRAP_USR1)
-    _wait_for(_log_has(log, "ready"))
+    _wait_log(log, "ready")
     phases: list[str] = []
     started = time.monotonic()
     result = job.stop(signal.SIGUSR1, grace_s=5, term_timeout_s=5, on_phase=phases.append)
@@ -145,7 +137,7 @@ def test_stubborn_job_is_killed_after_grace_and_term_timeout(jobs: Jobs) -> None
         time.sleep(30)
         """
     )
-    _wait_for(_log_has(log, "ready"))
+    _wait_log(log, "ready")
     inner = [p.pid for p in job.tree() if p.pid != job.pid]
     phases: list[str] = []
     started = time.monotonic()
@@ -154,7 +146,7 @@ def test_stubborn_job_is_killed_after_grace_and_term_timeout(jobs: Jobs) -> None
     assert phases == ["checkpoint", "term", "kill"]
     assert result.phase == "kill" and result.returncode == -signal.SIGKILL
     assert set(inner) <= set(result.killed) and result.survivors == ()
-    assert all(_gone(pid) for pid in inner)
+    assert all(gone(pid) for pid in inner)
 
 
 def test_sigterm_reaches_the_job_once_and_death_by_signal_propagates(jobs: Jobs) -> None:
@@ -171,7 +163,7 @@ def test_sigterm_reaches_the_job_once_and_death_by_signal_propagates(jobs: Jobs)
         time.sleep(30)
         """
     )
-    _wait_for(_log_has(log, "ready"))
+    _wait_log(log, "ready")
     result = job.stop(None, grace_s=0, term_timeout_s=5)
     assert (result.returncode, result.phase) == (-signal.SIGTERM, "term")
     assert log.read_text().count("term") == 1
@@ -225,7 +217,7 @@ def test_grandchild_in_its_own_session_dies_with_the_tree(jobs: Jobs) -> None:
     # The job's main process does not handle SIGUSR1: it dies of it in the grace.
     assert (result.phase, result.returncode, result.survivors) == ("checkpoint", -signal.SIGUSR1, ())
     assert grandchild in result.killed  # it ignores SIGTERM
-    _wait_for(lambda: _gone(grandchild))
+    wait_until(lambda: gone(grandchild), 5, "the grandchild's end", 0.01)
 
 
 def test_orphan_seen_once_is_still_killed(jobs: Jobs) -> None:
@@ -235,11 +227,11 @@ def test_orphan_seen_once_is_still_killed(jobs: Jobs) -> None:
     orphan = _pid_from_log(log, "grandchild")
     assert orphan in {p.pid for p in job.tree()}  # one monitor tick sees it
     go.touch()
-    _wait_for(_log_has(log, "middle-gone"))
+    _wait_log(log, "middle-gone")
     assert orphan in {p.pid for p in job.tree()}
     result = job.stop(None, grace_s=0, term_timeout_s=0.3)
     assert orphan in result.killed and result.survivors == ()
-    _wait_for(lambda: _gone(orphan))
+    wait_until(lambda: gone(orphan), 5, "the orphan's end", 0.01)
 
 
 SUBREAPER_DAEMON = """
@@ -278,8 +270,19 @@ def test_orphan_never_seen_is_found_through_the_subreaper(tmp_path: Path) -> Non
     assert report["survivors"] == [] and not report["alive"]
 
 
+# answers a real-time signal: Linux delivers standard signals (SIGTERM, SIGKILL, ...) before
+# real-time ones, so its answer to one sent last says no fatal signal came before it
+STRANGER = (
+    "import signal, time\n"
+    "signal.signal(signal.SIGRTMIN, lambda *_: print('alive', flush=True))\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(30)\n"
+)
+
+
 def test_reused_pid_is_reported_dead_and_never_signalled(tmp_path: Path) -> None:
-    stranger = subprocess.Popen([PY, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    stranger = subprocess.Popen([PY, "-c", STRANGER], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    assert stranger.stdout is not None and stranger.stdout.readline() == "ready\n"
     try:
         real = psutil.Process(stranger.pid).create_time()
         impostor = JobProcess(stranger.pid, real - 100.0, tmp_path / "x.exit")
@@ -290,11 +293,13 @@ def test_reused_pid_is_reported_dead_and_never_signalled(tmp_path: Path) -> None
         result = impostor.stop(signal.SIGTERM, grace_s=0.1, term_timeout_s=0.1)
         assert (result.phase, result.returncode, result.killed, result.survivors) == ("already_exited", None, (), ())
         assert adopt(stranger.pid, real - 100.0, status_path=tmp_path / "x.exit") is None
-        time.sleep(0.05)
+        os.kill(stranger.pid, signal.SIGRTMIN)  # after everything above: it answers unless one of them ended it
+        assert stranger.stdout.readline() == "alive\n"
         assert stranger.poll() is None
     finally:
         stranger.kill()
         stranger.wait()
+        stranger.stdout.close()
 
 
 OLD_DAEMON = """
@@ -322,7 +327,7 @@ def _spawn_by_old_daemon(tmp: Path, script: str) -> tuple[int, float, Path]:
 
 def test_adopted_job_survives_daemon_death_and_checkpoints(tmp_path: Path) -> None:
     pid, start_time, status = _spawn_by_old_daemon(tmp_path, TRAP_USR1)
-    _wait_for(_log_has(tmp_path / "job.log", "ready"))
+    _wait_log(tmp_path / "job.log", "ready")
     job = adopt(pid, start_time, status_path=status)
     assert job is not None and job.alive()
     assert job.wait(0.05) is None
@@ -334,7 +339,7 @@ def test_without_pidfd_support(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     """Kernels before 5.3: create_time checks and os.kill, psutil polling for adopted jobs."""
     monkeypatch.setattr(pids, "pidfd_supported", lambda: False)
     pid, start_time, status = _spawn_by_old_daemon(tmp_path, TRAP_USR1)
-    _wait_for(_log_has(tmp_path / "job.log", "ready"))
+    _wait_log(tmp_path / "job.log", "ready")
     assert JobProcess(pid, start_time - 100.0, status).signal_tree(signal.SIGKILL) == []
     job = adopt(pid, start_time, status_path=status)
     assert job is not None and job.alive() and job.wait(0.05) is None
@@ -362,6 +367,7 @@ def test_adopted_job_exit_status_and_dead_pid(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+@pytest.mark.root
 def test_job_runs_as_another_user(tmp_path: Path) -> None:
     nobody = UserSpec.lookup("nobody")
     workdir = Path(tempfile.mkdtemp())
@@ -375,7 +381,7 @@ def test_job_runs_as_another_user(tmp_path: Path) -> None:
         log_path=log,
     )
     try:
-        _wait_for(_log_has(log, "umask="))
+        _wait_log(log, "umask=")
         assert f"uid={nobody.uid} umask=0022" in log.read_text()
         inner = [p for p in job.tree() if p.pid != job.pid]
         assert inner and all(p.uids().real == nobody.uid and p.gids().real == nobody.gid for p in inner)

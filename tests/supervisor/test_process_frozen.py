@@ -11,19 +11,26 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
+from harness import wait_until
 from gpuguard.supervisor.process import spawn
 
-SCRIPT = "import signal, sys, time\nsignal.signal(signal.SIGUSR1, lambda *_: sys.exit(75))\nwhile True: time.sleep(0.05)\n"
+pytestmark = pytest.mark.e2e
+
+SCRIPT = (
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGUSR1, lambda *_: sys.exit(75))\n"
+    "print('ready', flush=True)\n"
+    "while True: time.sleep(0.05)\n"
+)
 
 
 def _job(tmp_path: Path):
-    proc = spawn([sys.executable, "-c", SCRIPT], env=dict(os.environ), cwd=tmp_path, user=None, log_path=tmp_path / "log")
-    deadline = time.monotonic() + 10
-    while not [p for p in proc.tree() if p.pid != proc.pid]:
-        assert time.monotonic() < deadline, "the job's process never appeared"
-        time.sleep(0.05)
-    time.sleep(0.3)  # its handler is installed
+    log = tmp_path / "log"
+    proc = spawn([sys.executable, "-c", SCRIPT], env=dict(os.environ), cwd=tmp_path, user=None, log_path=log)
+    wait_until(lambda: log.exists() and "ready" in log.read_text(), 10, "the job up, its handler installed")
+    assert [p for p in proc.tree() if p.pid != proc.pid], "the job's process is not in the tree"
     return proc
 
 

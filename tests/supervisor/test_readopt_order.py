@@ -5,25 +5,23 @@ yet looked free)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 
-from harness import DaemonProc, wait_until
+from harness import DaemonProc, running_daemon, wait_until
 from gpuguard.store import EventStore
 
-from .test_supervisor_e2e import polls_after
+pytestmark = pytest.mark.e2e
 
 
 def test_restarted_job_waits_for_a_gpu_a_later_job_still_holds(tmp_path: Path) -> None:
-    probe = DaemonProc(tmp_path / "probe")  # only to learn the simulated GPUs' UUIDs
-    probe.start()
-    gpu0, gpu1 = probe.gpu(0)["uuid"], probe.gpu(1)["uuid"]
-    probe.stop()
+    with running_daemon(tmp_path / "probe") as probe:  # only to learn the simulated GPUs' UUIDs
+        gpu0, gpu1 = probe.gpu(0)["uuid"], probe.gpu(1)["uuid"]
 
     proc = DaemonProc(tmp_path)
     proc.state_dir.mkdir(parents=True, mode=0o711)
@@ -42,16 +40,13 @@ def test_restarted_job_waits_for_a_gpu_a_later_job_still_holds(tmp_path: Path) -
         store.close()
         proc.start()
         try:
-            wait_until(
-                lambda: {"job_adopted", "job_waiting"} <= {e["kind"] for e in json.loads(proc.ctl("events", "--json").stdout)},
-                10, "b adopted and a waiting",
-            )  # fmt: skip
-            polls_after(proc, time.time())  # ticks since then: none of them put "a" on b's GPU
+            wait_until(lambda: {"job_adopted", "job_waiting"} <= set(proc.kinds()), 10, "b adopted and a waiting")
+            proc.polls_after(time.time())  # ticks since then: none of them put "a" on b's GPU
             jobs = {j["name"]: j for j in proc.status()["jobs"]}
             assert jobs["b"]["state"] == "running" and jobs["b"]["gpus"] == [gpu1]
             assert jobs["a"]["state"] == "waiting", jobs["a"]
             assert gpu1 not in jobs["a"]["gpus"]
-            events = json.loads(proc.ctl("events", "--json").stdout)
+            events = proc.events()
             assert [e["job"] for e in events if e["kind"] == "job_adopted"] == ["b"]
             assert not [e for e in events if e["kind"] in ("job_started", "job_restarted") and e["job"] == "a"]
         finally:

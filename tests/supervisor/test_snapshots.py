@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from checkpoint_files import checkpoint_bytes, make_checkpoint
 from gpuguard.supervisor import snapshot_check, snapshot_files
 from gpuguard.supervisor.retention import band, select_retained
 from gpuguard.supervisor.snapshots import Snapshot, SnapshotCorrupt, SnapshotRing
-
-from .test_checkpoints import checkpoint_bytes, make_checkpoint
 
 HOUR = 3600.0
 T0 = 1_800_000_000.0

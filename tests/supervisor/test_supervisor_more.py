@@ -12,26 +12,25 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from harness import DaemonProc, wait_until
+from harness import NOBODY, DaemonProc, running_daemon, wait_until
 
 from .jobs.trainer import read_step
-from .test_supervisor_e2e import FAST, TRAINER, job_view, polls_after, run_trainer, running_attempt, uuid_of
+from .trainer_runs import FAST, TRAINER, run_trainer, running_attempt
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[DaemonProc]:
-    d = DaemonProc(tmp_path, extra_config=FAST)
-    d.start()
-    yield d
-    for name in ("j",):
-        d.ctl("stop", name, check=False)
-    time.sleep(0.5)
-    d.stop()
+    with running_daemon(tmp_path, extra_config=FAST) as d:
+        yield d
+        d.ctl("stop", "j", check=False)  # jobs outlive their daemon by design
+        wait_until(lambda: (j := d.find_job("j")) is None or j["pid"] is None, 15, "job j ended")
 
 
 def frozen_with_snapshots(daemon: DaemonProc, work: Path, count: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -89,7 +88,7 @@ def test_min_gpus_starts_on_fewer_gpus(daemon: DaemonProc, tmp_path: Path) -> No
     daemon.ctl("run", "--name", "j", "--gpus", "2", "--min-gpus", "1", "--workdir", str(work), "--",
                sys.executable, str(TRAINER))  # fmt: skip
     first = running_attempt(daemon, "j", work)
-    assert first["env"]["CUDA_VISIBLE_DEVICES"] == uuid_of(daemon, 0)
+    assert first["env"]["CUDA_VISIBLE_DEVICES"] == daemon.gpu(0)["uuid"]
 
 
 def test_degraded_gpu_job_migrates_when_another_is_free(daemon: DaemonProc, tmp_path: Path) -> None:
@@ -97,15 +96,16 @@ def test_degraded_gpu_job_migrates_when_another_is_free(daemon: DaemonProc, tmp_
     work.mkdir()
     run_trainer(daemon, "j", work)
     first = running_attempt(daemon, "j", work)
-    gpu0 = uuid_of(daemon, 0)
+    gpu0 = daemon.gpu(0)["uuid"]
     assert first["env"]["CUDA_VISIBLE_DEVICES"] == gpu0
     daemon.ctl("inject", "0", "thermal", "89")  # degraded, not faulted
     second = running_attempt(daemon, "j", work, attempt=2)
-    assert second["env"]["CUDA_VISIBLE_DEVICES"] == uuid_of(daemon, 1)
+    assert second["env"]["CUDA_VISIBLE_DEVICES"] == daemon.gpu(1)["uuid"]
     assert second["start_step"] > 0  # it checkpointed at its own pace and resumed
     assert daemon.gpu(0)["state"] == "degraded"  # moved off, not excluded
 
 
+@pytest.mark.root
 def test_config_job_starts_as_its_user(tmp_path: Path) -> None:
     if os.geteuid() != 0 or shutil.which("python3", path="/usr/bin") is None:
         pytest.skip("needs root and /usr/bin/python3")
@@ -120,23 +120,15 @@ def test_config_job_starts_as_its_user(tmp_path: Path) -> None:
             'user = "nobody"\n'
             f'workdir = "{shared}"\n'
         )
-        d = DaemonProc(tmp_path, extra_config=extra)
-        d.start()
-        try:
-            wait_until(lambda: job_view(d, "cfg")["state"] == "succeeded", 15, "the config job to finish")
-            import pwd
-
-            assert out.read_text() == str(pwd.getpwnam("nobody").pw_uid)
-        finally:
-            d.stop()
+        with running_daemon(tmp_path, extra_config=extra) as d:
+            wait_until(lambda: d.job("cfg")["state"] == "succeeded", 15, "the config job to finish")
+            assert out.read_text() == str(NOBODY.pw_uid)
     finally:
         shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_sighup_reloads_health_thresholds(tmp_path: Path) -> None:
-    d = DaemonProc(tmp_path)
-    d.start()
-    try:
+    with running_daemon(tmp_path) as d:
         d.ctl("inject", "0", "thermal", "80")
         d.wait_for(lambda s: s["gpus"][0]["temperature_c"] == 80, what="80 C")
         assert d.gpu(0)["state"] == "healthy"
@@ -148,7 +140,5 @@ def test_sighup_reloads_health_thresholds(tmp_path: Path) -> None:
         d.config.write_text(d.config.read_text() + "[health]\nbroken = 1\n")  # a bad edit
         d.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: "config_reload_failed" in d.log.read_text(), 10, "the bad reload refused")
-        polls_after(d, time.time())  # evaluations since the refusal
+        d.polls_after(time.time())  # evaluations since the refusal
         assert d.proc.poll() is None and d.gpu(0)["state"] == "degraded"  # still running, old config kept
-    finally:
-        d.stop()

@@ -30,6 +30,8 @@ from gpuguard.supervisor.states import FINAL, JobEvent, JobState
 
 from .fakes import GPU0, GPU1, MoveLog, Node, SpyLog, faulted, gone, kill_started, tree_of, two_gpus, wait_for
 
+pytestmark = pytest.mark.e2e
+
 S, E = JobState, JobEvent
 SLEEP = "import time; time.sleep(30)"
 

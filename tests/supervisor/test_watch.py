@@ -33,6 +33,24 @@ class Calls:
             return list(self.calls)
 
 
+def caught_up(watcher: CheckpointWatcher, directory: Path) -> None:
+    """Wait until the watcher has settled every write made in `directory` so far. A marker
+    written there now, and left open, settles on the full settle time, so no earlier write
+    there settles after it; reports come in order on one thread: once the marker's is in,
+    any report of an earlier write is in too. A negative assert after this is about the
+    watcher, not about a sleep."""
+    marker = directory / ".caught-up"
+    seen = Calls()
+    watcher.watch("caught-up", marker, seen)
+    try:
+        with marker.open("wb") as f:
+            f.write(b"m")
+            f.flush()
+            assert seen.wait_for(1, timeout=SETTLE * 20), "the watcher never reported the marker"
+    finally:
+        watcher.unwatch("caught-up")
+
+
 @pytest.fixture
 def watcher() -> Iterator[CheckpointWatcher]:
     w = CheckpointWatcher(settle_s=SETTLE)
@@ -95,7 +113,7 @@ def test_atomic_replace_reported_once(tmp_path: Path, watcher: CheckpointWatcher
     write_in_chunks(tmp, chunks=3, pause=0.02)
     os.replace(tmp, path)
     assert calls.wait_for(1) == [("yolo", path, 3 * 4096)]
-    time.sleep(SETTLE * 1.5)
+    caught_up(watcher, tmp_path)
     assert len(calls.calls) == 1
 
 
