@@ -211,6 +211,7 @@ def xid79(facts: Facts) -> dict[str, GpuFacts]:
     return bad | {GPU0: replace(bad[GPU0], reason=XID79)}
 
 
+@pytest.mark.e2e  # real job processes, through fakes.Node
 def test_a_node_level_fault_checkpoints_drains_and_requeues(node: SlurmNode, moves: MoveLog) -> None:
     """Xid 79 under a Slurm job: checkpoint, snapshot stored, drain n1, requeue 123, requeued."""
     sup = node.supervisor()
@@ -238,6 +239,7 @@ def test_a_node_level_fault_checkpoints_drains_and_requeues(node: SlurmNode, mov
     assert job.attempt.number == 1  # never started again here
 
 
+@pytest.mark.e2e  # real job processes, through fakes.Node
 def test_a_requeued_job_may_run_again_here_and_keeps_its_snapshots(node: SlurmNode) -> None:
     """Slurm may place it on this node again: `run` of the same name is accepted and resumes."""
     sup = node.supervisor()
@@ -254,6 +256,7 @@ def test_a_requeued_job_may_run_again_here_and_keeps_its_snapshots(node: SlurmNo
     assert snapshot.id in started.message
 
 
+@pytest.mark.e2e  # real job processes, through fakes.Node
 def test_too_few_healthy_gpus_hand_the_job_back(node: SlurmNode) -> None:
     """GPU 1 already excluded, a reset-class fault on GPU 0: no GPU left for it here."""
     sup = node.supervisor()
@@ -268,6 +271,7 @@ def test_too_few_healthy_gpus_hand_the_job_back(node: SlurmNode) -> None:
     assert [c[0] for c in node.pool.called("reset_when_free")] == [GPU0]
 
 
+@pytest.mark.e2e  # real job processes, through fakes.Node
 def test_a_gpu_fault_with_a_healthy_gpu_left_moves_the_job_as_without_slurm(node: SlurmNode) -> None:
     sup = node.supervisor()
     job = node.trainer(sup)
@@ -277,6 +281,7 @@ def test_a_gpu_fault_with_a_healthy_gpu_left_moves_the_job_as_without_slurm(node
     assert node.scheduler.calls == [] and node.storage.waits == []
 
 
+@pytest.mark.e2e  # real job processes, through fakes.Node
 @pytest.mark.parametrize("case", ["no SLURM_JOB_ID", "requeue not configured"])
 def test_without_slurm_a_node_level_fault_moves_the_job_as_today(node: SlurmNode, case: str) -> None:
     sup = node.supervisor()
@@ -290,6 +295,7 @@ def test_without_slurm_a_node_level_fault_moves_the_job_as_today(node: SlurmNode
     assert EventKind.JOB_HANDOFF not in node.log.kinds("j")
 
 
+@pytest.mark.e2e  # real job processes, through fakes.Node
 def test_a_failed_requeue_leaves_the_job_waiting_here(node: SlurmNode, moves: MoveLog) -> None:
     sup = node.supervisor()
     node.scheduler.requeue_code = 1
@@ -307,6 +313,7 @@ def test_a_failed_requeue_leaves_the_job_waiting_here(node: SlurmNode, moves: Mo
     node.tick_until(sup, lambda: job.state == S.RUNNING, "the restart here")
 
 
+@pytest.mark.e2e  # real job processes, through fakes.Node
 def test_a_failed_requeue_with_a_healthy_gpu_left_moves_the_job(node: SlurmNode) -> None:
     """Xid 79 and a requeue that fails: as without Slurm, the job goes on on GPU 1."""
     sup = node.supervisor()
@@ -318,6 +325,7 @@ def test_a_failed_requeue_with_a_healthy_gpu_left_moves_the_job(node: SlurmNode)
     assert [c[0] for c in node.scheduler.calls] == ["drain", "requeue"]
 
 
+@pytest.mark.e2e  # real job processes, through fakes.Node
 def test_a_snapshot_not_stored_in_time_is_said_and_the_job_requeued_anyway(node: SlurmNode) -> None:
     sup = node.supervisor()
     node.storage.answer = False
@@ -330,6 +338,7 @@ def test_a_snapshot_not_stored_in_time_is_said_and_the_job_requeued_anyway(node:
     assert requeued.data["stored"] is False and "still uploading" in requeued.message
 
 
+@pytest.mark.e2e  # real job processes, through fakes.Node
 def test_without_a_drain_command_only_the_requeue_runs(node: SlurmNode) -> None:
     sup = node.supervisor()
     node.scheduler.drain_set = False
@@ -340,6 +349,7 @@ def test_without_a_drain_command_only_the_requeue_runs(node: SlurmNode) -> None:
     assert EventKind.NODE_DRAINED not in node.log.kinds()
 
 
+@pytest.mark.e2e  # real job processes, through fakes.Node
 def test_the_tick_never_waits_for_the_hand_off(node: SlurmNode) -> None:
     """The storage wait and the commands run on a worker: ticks go on meanwhile."""
     sup = node.supervisor()
@@ -358,6 +368,7 @@ def test_the_tick_never_waits_for_the_hand_off(node: SlurmNode) -> None:
     node.tick_until(sup, lambda: job.state == S.REQUEUED, "the job to be requeued")
 
 
+@pytest.mark.e2e  # real job processes, through fakes.Node
 def test_an_operator_stop_during_the_hand_off_runs_no_command(node: SlurmNode) -> None:
     sup = node.supervisor()
     node.storage.gate = threading.Event()
@@ -372,6 +383,7 @@ def test_an_operator_stop_during_the_hand_off_runs_no_command(node: SlurmNode) -
     assert job.state == S.STOPPED
 
 
+@pytest.mark.e2e  # real job processes, through fakes.Node
 def test_a_new_daemon_finds_a_job_requeueing_and_hands_it_back(node: SlurmNode) -> None:
     """The daemon died during the hand-off (its worker never got to the requeue): the next one does it."""
     first = node.supervisor()
@@ -389,6 +401,7 @@ def test_a_new_daemon_finds_a_job_requeueing_and_hands_it_back(node: SlurmNode) 
     assert again.attempt.number == 1
 
 
+@pytest.mark.e2e  # real job processes, through fakes.Node
 def test_a_new_daemon_without_requeue_keeps_a_requeueing_job_here(node: SlurmNode) -> None:
     """[slurm] requeue emptied while no daemon ran: the job goes on here, as after any fault."""
     first = node.supervisor()
