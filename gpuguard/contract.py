@@ -24,6 +24,10 @@ ENV_CHECKPOINT_FILE = "GPUGUARD_CHECKPOINT_FILE"
 ENV_RESUME_FROM = "GPUGUARD_RESUME_FROM"
 ENV_SOCKET = "GPUGUARD_SOCKET"  # gpuguardctl's socket, never handed to a job
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
+# a warm standby (docs/STANDBY.md): the next attempt, started early without GPUs,
+# waits until gpuguard writes the hand-over file named here, then trains
+ENV_STANDBY = "GPUGUARD_STANDBY"  # "1" while it waits
+ENV_STANDBY_FILE = "GPUGUARD_STANDBY_FILE"
 # torchrun's agent forwards these signals to its workers (docs/DDP.md)
 ENV_TORCHRUN_SIGNALS = "PET_SIGNALS_TO_HANDLE"
 
@@ -36,6 +40,9 @@ RESET_PLACEHOLDERS = ("uuid", "index", "pci_bus_id")
 HOOK_PLACEHOLDERS = ("hostname", "reason", "gpus", "uuids", "state")
 # placeholders the [slurm] drain and requeue commands may use
 SLURM_PLACEHOLDERS = ("node", "job_id", "reason")
+# One Slurm node name, never a host list ("n[1-9]", "n1,n2"): `scontrol update nodename=`
+# would take those as many nodes
+SLURM_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def valid_job_name(name: object) -> bool:

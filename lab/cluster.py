@@ -78,9 +78,10 @@ class NodeDaemon:
         return next((j for j in self.status()["jobs"] if j["name"] == name), None)
 
 
-def daemon_config(url: str) -> str:
+def daemon_config(url: str, node: str) -> str:
     """A node's config: quick polling, the shared store, and Slurm's own scontrol for
-    the hand-off (run by the daemon with SLURM_CONF in its environment)."""
+    the hand-off (run by the daemon with SLURM_CONF in its environment); `node` is the
+    Slurm node this daemon serves (all share one host, so not its short name)."""
     scontrol = shutil.which("scontrol") or "scontrol"
     drain = [scontrol, "update", "nodename={node}", "state=drain", "reason={reason}"]
     requeue = [scontrol, "requeue", "{job_id}"]
@@ -88,7 +89,7 @@ def daemon_config(url: str) -> str:
         "[monitor]\npoll_interval_s = 0.2\nnvml_timeout_s = 0.5\n"
         "[jobs]\ncheckpoint_grace_s = 30\nstop_timeout_s = 10\n"
         f"[storage]\nurl = {json.dumps(url)}\n"
-        f"[slurm]\ndrain = {json.dumps(drain)}\nrequeue = {json.dumps(requeue)}\n"
+        f"[slurm]\ndrain = {json.dumps(drain)}\nrequeue = {json.dumps(requeue)}\nnodes = [{json.dumps(node)}]\n"
     )
 
 
@@ -103,7 +104,7 @@ class Cluster:
         self.slurm = Slurm(self.dir / "slurm", nodes)
         self.s3 = SeaweedS3(self.dir / "s3")
         self.url = f"s3://{BUCKET}/checkpoints"
-        self.daemons = {n: NodeDaemon(self.dir / "nodes", n, gpus, daemon_config(self.url)) for n in nodes}
+        self.daemons = {n: NodeDaemon(self.dir / "nodes", n, gpus, daemon_config(self.url, n)) for n in nodes}
 
     def __enter__(self) -> Cluster:
         self.start()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gpuguard.config.schema import LOG_FORMATS, LOG_LEVELS, RESERVED_ENV, YOLO_SAVE_EVERY, Config, JobEntry
-from gpuguard.contract import ENV_PREFIX, HOOK_PLACEHOLDERS, RESET_PLACEHOLDERS, SLURM_PLACEHOLDERS, valid_job_name
+from gpuguard.contract import ENV_PREFIX, HOOK_PLACEHOLDERS, RESET_PLACEHOLDERS, SLURM_NODE_NAME, SLURM_PLACEHOLDERS, valid_job_name
 from gpuguard.storage.url import url_problem
 
 # counts for which 0 makes no sense
@@ -116,6 +116,9 @@ def _slurm_problems(config: Config) -> Iterator[tuple[str, str]]:
         if argv and not argv[0]:
             yield f"slurm.{name}", "must name a program, or be empty for none"
         yield from _placeholder_problems(f"slurm.{name}", argv, SLURM_PLACEHOLDERS)
+    for i, node in enumerate(slurm.nodes):
+        if not SLURM_NODE_NAME.fullmatch(node):
+            yield f"slurm.nodes[{i}]", f"{node!r} is not one Slurm node name (letters, digits, '.', '_', '-'; no host lists)"
     if slurm.drain and not slurm.requeue:
         yield "slurm.drain", "runs only when a job is handed back with slurm.requeue: set requeue too (or drain with [hooks] on_unhealthy)"
 

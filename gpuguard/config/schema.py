@@ -75,6 +75,8 @@ class JobsConfig:
     migrate_on_degraded: bool = True
     snapshots_keep: int = 5
     snapshots_max_bytes: int = 20 * 1024**3
+    # a warm standby is not started while the node's available memory (psutil) is below this
+    standby_min_free_mb: int = 2048
     # processes gpuguard did not start that are never sent the checkpoint signal,
     # by process name (or basename of the executable or argv[0]); others get it
     # only when they handle it (/proc/PID/status SigCgt)
@@ -116,6 +118,9 @@ class SlurmConfig:
 
     drain: tuple[str, ...] = ()
     requeue: tuple[str, ...] = ()
+    # the Slurm node names of this host (several slurmd on one host); empty: its short
+    # name. `drain` takes only one of these, whatever SLURMD_NODENAME a job was started with
+    nodes: tuple[str, ...] = ()
     timeout_s: float = 30.0  # each command's limit
     # how long a hand-off waits for the newest snapshot to reach [storage] before it
     # requeues anyway (the next node then resumes from an older stored one)
@@ -149,6 +154,9 @@ class JobEntry:
     min_gpus: int | None = None
     checkpoint: Path | None = None
     max_restarts: int | None = None  # None: [jobs] max_restarts
+    # keep a warm standby of the next attempt (it must call gpuguard.job.wait_until_started);
+    # None: on for a `yolo` job, off for a command
+    standby: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from gpuguard.contract import SLURM_NODE_NAME
 from gpuguard.health.types import Action, GpuState
 from gpuguard.supervisor.ports import BatchJob, Facts, GpuFacts
 
@@ -23,7 +24,6 @@ NODE_VAR = "SLURMD_NODENAME"
 # as root: a job id is digits only, a node name one name (no host list such as
 # "n[1-9]" or "n1,n2", which `scontrol update nodename=` would take as many nodes).
 _JOB_ID = re.compile(r"[0-9]{1,10}")
-_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 REASON_MAX = 200  # Slurm keeps a node's reason as one short line
 
 
@@ -42,7 +42,7 @@ def batch_job(env: Mapping[str, str], user: tuple[int, int, tuple[int, ...]] | N
     if not _JOB_ID.fullmatch(job_id):
         return None
     node = env.get(NODE_VAR, "")
-    return BatchJob(job_id, node if _NODE.fullmatch(node) else None, user)
+    return BatchJob(job_id, node if SLURM_NODE_NAME.fullmatch(node) else None, user)
 
 
 def must_leave(own: Sequence[GpuFacts], facts: Facts, needs: int) -> Leave | None:

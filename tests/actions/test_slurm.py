@@ -49,7 +49,7 @@ def commands(prefix: list[str], **kw: object) -> SlurmCommands:
 
 def test_placeholders_fill_one_argument_each(tmp_path: Path) -> None:
     prefix, out = fake_scontrol(tmp_path)
-    slurm = commands(prefix)
+    slurm = commands(prefix, nodes=("n1",))
     result = slurm.drain(BatchJob("123", "n1"), NASTY)
     assert result is not None and result.ok
     assert json.loads(out.read_text())["argv"] == ["update", "nodename=n1", "state=drain", f"reason={NASTY}"]
@@ -63,6 +63,29 @@ def test_a_job_without_a_node_name_drains_this_host(tmp_path: Path) -> None:
     prefix, out = fake_scontrol(tmp_path)
     assert commands(prefix).drain(BatchJob("5", None), "r") is not None
     assert json.loads(out.read_text())["argv"][1] == f"nodename={short_hostname()}"
+
+
+def test_a_job_naming_another_node_drains_nothing(tmp_path: Path) -> None:
+    """drain runs as root: a caller's SLURMD_NODENAME must not choose which node goes out."""
+    prefix, out = fake_scontrol(tmp_path)
+    result = commands(prefix, nodes=("n1", "n2")).drain(BatchJob("5", "login01"), "r")
+    assert result is not None and not result.ok and result.argv == ()
+    assert "'login01'" in result.outcome and "n1, n2" in result.outcome
+    assert not out.exists()  # scontrol never ran
+    # the host's own name is the only one when [slurm] nodes is empty
+    other = commands(prefix).drain(BatchJob("5", "not-" + short_hostname()[:50]), "r")
+    assert other is not None and other.argv == ()
+    assert not out.exists()
+
+
+def test_several_nodes_on_one_host_drain_the_one_the_job_names(tmp_path: Path) -> None:
+    prefix, out = fake_scontrol(tmp_path)
+    named = commands(prefix, nodes=("n1", "n2")).drain(BatchJob("5", "n2"), "r")
+    assert named is not None and named.ok
+    assert json.loads(out.read_text())["argv"][1] == "nodename=n2"
+    # a job that names none, on a host with several: which one is not known, none is drained
+    unnamed = commands(prefix, nodes=("n1", "n2")).drain(BatchJob("6", None), "r")
+    assert unnamed is not None and unnamed.argv == ()
 
 
 def test_a_failure_keeps_its_exit_and_output(tmp_path: Path) -> None:
@@ -110,7 +133,7 @@ def test_requeue_runs_as_the_jobs_user_and_drain_as_the_daemon(open_dir: Path, n
     prefix, out = fake_scontrol(open_dir, python=nobody_python)
     out.touch()
     out.chmod(0o666)
-    slurm = commands(prefix)
+    slurm = commands(prefix, nodes=("n1",))
     job = BatchJob("123", "n1", (nobody.pw_uid, nobody.pw_gid, ()))
     assert slurm.requeue(job, "r").ok
     assert json.loads(out.read_text())["uid"] == nobody.pw_uid
@@ -130,6 +153,7 @@ def test_requeue_runs_as_the_jobs_user_and_drain_as_the_daemon(open_dir: Path, n
         ('drain = ["scontrol", "update", "nodename={node}"]', "slurm.drain", "set requeue too"),
         ('requeue = "scontrol requeue {job_id}"', "slurm.requeue", "expected an array of strings"),
         ('requeue = ["scontrol", "requeue", "{job_id}"]\ntimeout_s = 0', "slurm.timeout_s", ""),
+        ('requeue = ["scontrol", "requeue", "{job_id}"]\nnodes = ["n[1-2]"]', "slurm.nodes[0]", "not one Slurm node name"),
     ],
 )
 def test_a_bad_slurm_section_is_refused_naming_the_key(tmp_path: Path, toml: str, key: str, problem: str) -> None:

@@ -44,6 +44,7 @@ class Slurm:
             f"drain = {json.dumps([*fake, 'update', 'nodename={node}', 'state=drain', 'reason={reason}'])}\n"
             f"requeue = {json.dumps([*fake, 'requeue', '{job_id}'])}\n"
             "timeout_s = 10.0\n"
+            'nodes = ["n1"]\n'  # the Slurm node this daemon serves (the jobs say SLURMD_NODENAME=n1)
         )
         self.daemon: DaemonProc = daemons.enter_context(running_daemon(tmp, 2, config))
 
