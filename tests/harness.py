@@ -155,7 +155,10 @@ class DaemonProc:
     def wait_for(self, predicate: Callable[[dict[str, Any]], Any], timeout_s: float = 5.0, what: str = "condition") -> float:
         """Poll status until predicate(status) holds; returns the seconds it took."""
         def last() -> str:
-            return f"last status: {json.dumps(self.status(), indent=1)[:3000]}"
+            # the jobs whole and each GPU in one line: what a wait is usually about
+            status = self.status()
+            gpus = [{k: g.get(k) for k in ("index", "state", "reason", "jobs")} for g in status["gpus"]]
+            return f"last status: jobs {json.dumps(status['jobs'], indent=1)[:4000]}\ngpus {json.dumps(gpus)}"
 
         start = time.monotonic()
         wait_until(lambda: predicate(self.status()), timeout_s, what, detail=last)

@@ -40,10 +40,10 @@ def running_attempt(d: DaemonProc, name: str, workdir: Path, attempt: int = 1) -
     """Wait until the job's given attempt runs and has recorded itself."""
     d.wait_for(
         lambda s: any(j["name"] == name and j["state"] == "running" and j["attempt"] == attempt for j in s["jobs"]),
-        timeout_s=10,
+        timeout_s=30,  # a spawn through the root wrapper on a loaded 2-core machine (the flake budget's)
         what=f"{name} attempt {attempt} running",
     )
-    recorded = wait_until(lambda: attempts(workdir)[attempt - 1 :], 10, f"{name} attempt {attempt} recorded")
+    recorded = wait_until(lambda: attempts(workdir)[attempt - 1 :], 30, f"{name} attempt {attempt} recorded")
     return recorded[0]
 
 
