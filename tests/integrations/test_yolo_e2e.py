@@ -24,6 +24,7 @@ def _epochs(results: Path) -> list[int]:
     return [int(float(r["epoch"])) for r in rows]
 
 
+@pytest.mark.timeout(900)  # 3 YOLO epochs; on a loaded machine (the flake budget) past 120 s
 def test_demo_recovers_from_xid_79_and_completes_every_epoch(tmp_path: Path, capsys) -> None:
     """`make demo` itself: Xid 79 after the first epoch, resume on the other GPU."""
     assert demo.main(["--keep", str(tmp_path), "--epochs", "3"]) == 0
