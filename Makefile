@@ -41,13 +41,15 @@ chaos: $(STAMP)
 	$(PY) bench/chaos.py --long
 
 # Every measured table of docs/BENCHMARKS.md, rewritten in place (11 min 17 s in all on the 2-core VM).
-bench: $(STAMP)
+bench: $(STAMP) cluster-packages
 	$(PY) bench/footprint.py --write-docs
 	$(PY) bench/detection.py --samples 30 --write-docs
 	$(PY) bench/store_growth.py --write-docs
 	$(PY) bench/control_plane.py --write-docs
 	$(PY) bench/resume.py --write-docs
+	$(PY) bench/standby.py --write-docs
 	$(PY) bench/storage.py --write-docs
+	$(PY) bench/failover.py --write-docs
 
 # Install as a systemd service (docs/DEPLOY.md): `make dist`, then as root `make install`.
 # DESTDIR=/some/root installs under that root; INSTALL_ARGS and UNINSTALL_ARGS go to the scripts

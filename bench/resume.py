@@ -61,7 +61,7 @@ DOCS = REPO / "docs" / "BENCHMARKS.md"
 EPOCHS = 3
 FAULT_EPOCH, FAULT_BATCH = 2, 6
 GRACE_S, STOP_TIMEOUT_S = 5.0, 2.0
-PERIODIC_S = 0.25  # the hung-trainer set-up with periodic mid-epoch checkpoints (gpuguard-yolo's default: 600)
+PERIODIC_S = 0.25  # the hung-trainer set-up with periodic mid-epoch checkpoints (gpuguard-yolo's default: from the measured write time, 30..600)
 CONFIG = f"""[monitor]
 poll_interval_s = 0.5
 nvml_timeout_s = 0.5
@@ -159,12 +159,15 @@ class Gpuguard:
         argv = [str(BIN / "gpuguardctl"), "--socket", str(self.socket), *args]
         return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
 
-    def measure(self, hung: bool, save_every_s: float | None = None) -> Result:
+    def measure(
+        self, hung: bool, save_every_s: float | None = None, flags: tuple[str, ...] = (), before_fault: Callable[[], None] | None = None
+    ) -> Result:
+        """flags: more `gpuguardctl run` flags; before_fault: called at the fault batch, before the fault."""
         wait(lambda: self.socket.exists(), "gpuguardd", 30)
         env = [f"{k}={v}" for k, v in bench_env(self.run).items()]
         periodic = ["--save-every-s", f"{save_every_s:g}"] if save_every_s else []
         self.ctl(
-            "run", "--name", "yolo", "--workdir", str(self.run), "--",
+            "run", "--name", "yolo", "--workdir", str(self.run), *flags, "--",
             "env", *env, sys.executable, str(REPO / "bench" / "batchlog.py"), *periodic, "model=yolov8n.yaml",
             f"data={self.data}", f"epochs={EPOCHS}", "imgsz=64", "batch=8", "workers=0",
             f"project={self.run / 'runs'}", "name=bench", "plots=False",
@@ -174,6 +177,8 @@ class Gpuguard:
         status = request(self.socket, "status", {})
         uuid = next(j for j in status["jobs"] if j["name"] == "yolo")["gpus"][0]
         index = next(g["index"] for g in status["gpus"] if g["uuid"] == uuid)
+        if before_fault is not None:
+            before_fault()
         t_fault = time.time()
         if hung:
             os.kill(pid, signal.SIGSTOP)

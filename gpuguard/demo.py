@@ -172,11 +172,11 @@ class Demo:
         self.ctl("run", "--name", "yolo", "--workdir", str(self.tmp), "--", *train_command(data_yaml, project, self.epochs))
         print("   waiting for the first epoch's checkpoint (gpuguard validates and keeps a copy) ...")
         self.wait(lambda: any(e["kind"] == "snapshot_saved" for e in self.events("yolo")), "the first checkpoint")
-        job = self.job()
-        assert job is not None
-        gpu_uuid = job["gpus"][0]
-        index = next(g["index"] for g in self.status()["gpus"] if g["uuid"] == gpu_uuid)
-        self.ctl("status")
+        # the fault must land while the job still trains (an epoch of the tiny set takes a
+        # second or two): one status call, then the fault; the tables come after it
+        status = self.status()
+        job = next(j for j in status["jobs"] if j["name"] == "yolo")
+        index = next(g["index"] for g in status["gpus"] if g["uuid"] == job["gpus"][0])
 
         print(f"== 3. Xid 79 (GPU has fallen off the bus) on GPU {index}, the job's GPU\n")
         heartbeat = self.run_dir / "jobs" / "yolo" / "heartbeat"

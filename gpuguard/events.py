@@ -53,6 +53,11 @@ class EventKind(enum.StrEnum):
     JOB_STOP_INCOMPLETE = "job_stop_incomplete"  # processes survived SIGKILL
     JOB_LEFTOVERS_STOPPED = "job_leftovers_stopped"  # an attempt ended, its stray processes were stopped
     GPU_NOT_RELEASED = "gpu_not_released"  # a restart started while NVML still listed the old attempt
+    # a warm standby (supervisor/standby.py): the next attempt, started early without GPUs
+    STANDBY_STARTED = "standby_started"
+    STANDBY_DIED = "standby_died"  # it ended while it waited: replaced with back-off
+    STANDBY_PROMOTED = "standby_promoted"  # handed the GPUs: it is the new attempt
+    STANDBY_SKIPPED = "standby_skipped"  # the node's available memory is below [jobs] standby_min_free_mb
     GPU_PROBATION_FAILED = "gpu_probation_failed"
     GPU_SUSPECT = "gpu_suspect"  # a job hung on it, no GPU-side evidence: avoided, not excluded
     GPU_SUSPICION_LIFTED = "gpu_suspicion_lifted"

@@ -109,6 +109,7 @@ def test_run_sends_absolute_paths_and_a_clean_environment(
         "checkpoint": str(tmp_path / "runs" / "last.pt"),
         "workdir": str(tmp_path),
         "max_restarts": 3,
+        "standby": False,
     }
     assert env["DATASET"] == "/data/coco" and env["PATH"] == os.environ["PATH"]
     assert not {"NOTIFY_SOCKET", "WATCHDOG_USEC", "GPUGUARD_SOCKET", *SESSION_ENV} & set(env)

@@ -77,6 +77,9 @@ class JobsConfig:
     snapshots_max_bytes: int = 20 * 1024**3
     # a warm standby is not started while the node's available memory (psutil) is below this
     standby_min_free_mb: int = 2048
+    # ... and starts this long after the attempt's first heartbeat or checkpoint (its start-up
+    # is over), so that the two do not share the CPU while the attempt sets up
+    standby_delay_s: float = 5.0
     # processes gpuguard did not start that are never sent the checkpoint signal,
     # by process name (or basename of the executable or argv[0]); others get it
     # only when they handle it (/proc/PID/status SigCgt)

@@ -84,7 +84,7 @@ class Controller(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Arg:
-    """One argument: `kind` is str, int, list (of str) or dict (str to str);
+    """One argument: `kind` is str, int, bool, list (of str) or dict (str to str);
     an int lies within [minimum, maximum]; `valid` checks what the kind cannot."""
 
     name: str
@@ -101,6 +101,10 @@ class Arg:
             if self.required:
                 raise ProtocolError(f"{where} is required")
             return dict(self.default) if isinstance(self.default, dict) else self.default
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ProtocolError(f"{where} must be true or false")
+            return value
         if self.kind is int:
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ProtocolError(f"{where} must be an integer")
@@ -261,6 +265,7 @@ class Run(Command):
         Arg("workdir", str, valid=validation.path(absolute=True)),
         Arg("max_restarts", int, maximum=MAX_RESTARTS),
         Arg("env", dict, default={}, valid=validation.environment),
+        Arg("standby", bool, default=False),
     )
 
     def validate(self, args: dict[str, Any]) -> dict[str, Any]:

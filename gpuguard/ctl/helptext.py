@@ -38,6 +38,9 @@ JOB_VARIABLES: tuple[tuple[str, str], ...] = (
     (contract.ENV_CHECKPOINT_FILE, "a file where the job may write the path of its newest checkpoint, "
                                    "when it is not the --checkpoint one"),
     (contract.ENV_TORCHRUN_SIGNALS, "set for torchrun, so that it passes the checkpoint signal on to its workers"),
+    (contract.ENV_STANDBY, "1 in a warm standby (run --standby) until it is handed its GPUs; "
+                           "CUDA_VISIBLE_DEVICES is empty and GPUGUARD_ATTEMPT unset until then"),
+    (contract.ENV_STANDBY_FILE, "in a warm standby: the hand-over file gpuguard.job.wait_until_started() waits for"),
 )  # fmt: skip
 
 RUN_NAME_HELP = (
@@ -47,6 +50,10 @@ RUN_NAME_HELP = (
 RUN_RESTARTS_HELP = (
     "give up (job failed) after N crash restarts, N restarts it asked for (exit 75 unasked) or N moves "
     "after GPU faults or hangs, each counted apart (default: the config's [jobs] max_restarts, 10)"
+)
+RUN_STANDBY_HELP = (
+    "keep a warm standby: the next attempt starts early without GPUs (GPUGUARD_STANDBY=1) and waits in "
+    "gpuguard.job.wait_until_started() until a fault hands it the GPUs; the command must call it"
 )
 RUN_HANDSHAKE = (
     "The checkpoint handshake: when a fault affects the job, gpuguard sends GPUGUARD_CHECKPOINT_SIGNAL to "

@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-restarts", type=int, metavar="N", help=helptext.RUN_RESTARTS_HELP)
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="set this variable for the job (repeatable)")
     p.add_argument("--no-env", action="store_true", help="send none of this shell's environment, only the --env ones")
+    p.add_argument("--standby", action="store_true", help=helptext.RUN_STANDBY_HELP)
     p.add_argument("--wait", action="store_true",
                    help="stay until the job ends; exit 0 if it succeeded, 1 if it failed or was stopped, "
                    "75 if it was handed back to Slurm (requeued) "

@@ -114,7 +114,7 @@ def run_spec(args: argparse.Namespace) -> dict[str, Any]:
         "workdir": workdir,
         "max_restarts": args.max_restarts,
         "env": job_env(os.environ, args.env, inherit=not args.no_env),
-    }
+    } | ({"standby": True} if args.standby else {})
 
 
 def job_env(environ: Mapping[str, str], assignments: Sequence[str], *, inherit: bool) -> dict[str, str]:

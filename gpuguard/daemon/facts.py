@@ -53,4 +53,6 @@ def settings_of(config: Config) -> Settings:
         hang_timeout_s=monitor.hang_timeout_s,
         hang_startup_timeout_s=monitor.hang_startup_timeout_s,
         hang_idle_util_pct=monitor.hang_idle_util_pct,
+        standby_min_free_mb=jobs.standby_min_free_mb,
+        standby_delay_s=jobs.standby_delay_s,
     )

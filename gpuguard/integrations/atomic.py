@@ -17,13 +17,14 @@ from pathlib import Path
 CHUNK = 1 << 20  # bytes per os.write; bounded so a huge buffer is not copied at once
 
 
-def temp_path(target: Path) -> Path:
+def temp_path(target: Path, suffix: str = "") -> Path:
     """The one temp name used for `target` (same dir, so os.replace is a rename).
 
     A fixed name means a temp left behind by a killed writer is simply
-    overwritten by the next write instead of piling up.
+    overwritten by the next write instead of piling up. A second writer that
+    cannot wait for the first uses its own `suffix`.
     """
-    return target.with_name(f".{target.name}.partial")
+    return target.with_name(f".{target.name}{suffix}.partial")
 
 
 def write_bytes_atomic(target: Path, data: bytes | memoryview) -> None:
@@ -42,13 +43,13 @@ def write_bytes_atomic(target: Path, data: bytes | memoryview) -> None:
 
 
 @contextmanager
-def replacing(target: Path) -> Iterator[Path]:
+def replacing(target: Path, tmp_suffix: str = "") -> Iterator[Path]:
     """Yield a temp path to write with any library; on success it replaces `target`.
 
     For writers that insist on a file name (torch.save): if the body raises or
     writes nothing, `target` is left as it was.
     """
-    tmp = temp_path(target)
+    tmp = temp_path(target, tmp_suffix)
     tmp.unlink(missing_ok=True)
     yield tmp
     if tmp.exists():

@@ -9,16 +9,22 @@ What they add to a stock `yolo train`:
   progress;
 - atomic `last.pt`/`best.pt` writes (Ultralytics writes them in place);
 - the checkpoint's path, told to gpuguard through GPUGUARD_CHECKPOINT_FILE;
-- periodic mid-epoch checkpoints (`save_every_s`), for the faults a trainer
-  cannot answer: a GPU gone in the middle of a CUDA call leaves the process
-  hung or dead, and then only a checkpoint already on disk counts.
+- a host-memory copy of the training state at optimizer-step boundaries
+  (hostcopy.py) and a writer thread (rescue.py) that saves it every
+  `save_every_s` and, when the checkpoint signal finds the trainer stuck in
+  a call that never returns (a GPU gone mid-CUDA-call), writes it and exits
+  75 for it;
+- checkpoints that carry the exact training state and random states
+  (exact.py, rng.py), so a resumed run continues the same run.
 
 A mid-epoch checkpoint is saved as "epochs completed = the one before", plus
 where in the interrupted epoch it stopped (replay.py): the resumed run trains
 the rest of that epoch in the same order and nothing twice, so at most the
 batch in flight when the request came is lost. Gradients accumulated since the
-last optimizer step are applied first, in one smaller step, so no trained batch
-is dropped. best.pt is never overwritten with half-trained weights. Where the
+last optimizer step travel in the checkpoint, so no trained batch is dropped
+and the optimizer steps where the uninterrupted run would. A stuck trainer
+loses the batches since the newest host copy (at most `every` optimizer
+steps). best.pt is never overwritten with half-trained weights. Where the
 order cannot be replayed (DDP, a loader rebuilt after an out-of-memory retry),
 the resume redoes the interrupted epoch in full, and says so.
 """
@@ -37,32 +43,16 @@ from pathlib import Path
 from typing import Any
 
 from gpuguard.contract import EX_TEMPFAIL
-from gpuguard.integrations.atomic import replacing, temp_path, write_bytes_atomic
-from gpuguard.integrations.replay import RESUME_KEY, Position, ReplaySampler, install
+from gpuguard.integrations.atomic import temp_path, write_bytes_atomic
+from gpuguard.integrations.exact import live_state, restore_pending, restore_training_state, wrap_save_model
+from gpuguard.integrations.hostcopy import BUDGET, HostCopy
+from gpuguard.integrations.replay import Position, ReplaySampler, install
+from gpuguard.integrations.saving import AtomicPath, load_training_state, make_strip_atomic, save_mid_epoch
+from gpuguard.integrations.rescue import RESCUE_SUFFIX, Progress, Rescuer, ema_skeleton, exit_now
+from gpuguard.integrations.steps import StepClock
 
 
 log = logging.getLogger("gpuguard.yolo")
-
-
-class _AtomicPath(type(Path())):  # type: ignore[misc]
-    """A checkpoint path whose write_bytes replaces the file atomically.
-
-    Ultralytics calls `self.last.write_bytes(...)`; swapping the trainer's
-    path objects for these makes every checkpoint write crash-safe without
-    copying its save_model. Paths derived with `/` keep the class, so
-    `wdir / "epoch3.pt"` is covered too.
-    """
-
-    def write_bytes(self, data: Any) -> int:
-        write_bytes_atomic(Path(self), data)
-        return len(data)
-
-
-class _DiscardPath(type(Path())):  # type: ignore[misc]
-    """Stands in for best.pt during a mid-epoch save: the write goes nowhere."""
-
-    def write_bytes(self, data: Any) -> int:
-        return len(data)
 
 
 def is_main_rank() -> bool:
@@ -125,15 +115,6 @@ def _row_epoch(row: str) -> float:
         return -math.inf  # not a data row: keep it
 
 
-def exit_now(code: int) -> None:
-    """Flush what was logged, then leave without running Ultralytics' teardown."""
-    for handler in [*logging.getLogger().handlers, *log.handlers]:
-        handler.flush()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)
-
-
 class TrainerGuard:
     """The callbacks for one training process; see the module docstring."""
 
@@ -150,9 +131,16 @@ class TrainerGuard:
         # set by gpuguard-yolo once it has read its arguments and the checkpoint it resumes
         self.resume_position: Position | None = None  # where in its epoch that checkpoint stood
         self.first_epoch_state: Path | None = None  # a first epoch's checkpoint, whose training state to load
-        self.save_every_s = 0.0  # periodic mid-epoch checkpoints; 0: only on request and at epoch ends
-        self._last_save = time.monotonic()
-        self._saved_at: Position | None = None  # the last periodic checkpoint's position
+        self.resume_state: dict[str, Any] | None = None  # that checkpoint's exact state (exact.py), if it has one
+        self._pending: dict[str, Any] | None = None  # its random states and gradients: back at the first batch
+        self._inexact = False  # a mid-epoch save whose position cannot be replayed: no exact state in it
+        self._skip_pending = 0  # batches the first epoch of this process leaves out
+        self._clock = StepClock()
+        self._progress = Progress()
+        self._hostcopy: HostCopy | None = None  # with the writer thread: where the order is replayable
+        self._rescuer: Rescuer | None = None
+        self.save_every_s: float | None = 0.0  # periodic checkpoints; None: adaptive (rescue.py); 0: none
+        self.copy_budget = BUDGET  # the host copy's share of step time
         self.requested = False
         self._batch = 0
         self._replay: ReplaySampler | None = None
@@ -175,7 +163,7 @@ class TrainerGuard:
 
     def install(self, model: Any) -> None:
         """Hook into `model` (an ultralytics Model) before `model.train()`."""
-        _make_strip_atomic()
+        make_strip_atomic()
         for event in (
             "on_pretrain_routine_start",
             "on_pretrain_routine_end",
@@ -193,39 +181,65 @@ class TrainerGuard:
         self.requested = True  # acted on at the next batch end, where a save is consistent
 
     def _beat(self) -> None:
+        self._progress.mark()
         if self.heartbeat is not None:
             self.heartbeat.beat()
 
     # --- callbacks ------------------------------------------------------
     def on_pretrain_routine_start(self, trainer: Any) -> None:
         """save_dir is known: make its checkpoint writes atomic and tell gpuguard where last.pt is."""
-        trainer.wdir = _AtomicPath(trainer.wdir)
-        trainer.last = _AtomicPath(trainer.last)
-        trainer.best = _AtomicPath(trainer.best)
+        trainer.wdir = AtomicPath(trainer.wdir)
+        trainer.last = AtomicPath(trainer.last)
+        trainer.best = AtomicPath(trainer.best)
         for path in (trainer.last, trainer.best):
-            temp_path(path).unlink(missing_ok=True)  # left by a writer killed mid-save
+            for suffix in ("", RESCUE_SUFFIX):
+                temp_path(path, suffix).unlink(missing_ok=True)  # left by a writer killed mid-save
         last = Path(trainer.last).resolve()
         if self.checkpoint_file is not None:
             write_bytes_atomic(self.checkpoint_file, f"{last}\n".encode())
         log.info("checkpoint: %s", last)
+        wrap_save_model(
+            trainer, state=lambda: None if self._inexact else live_state(trainer, self._clock.last_opt_ni),
+            saved=self._saved_by_trainer,
+        )
         self._beat()
 
     def on_pretrain_routine_end(self, trainer: Any) -> None:
         """The optimizer and loaders exist: restore a first epoch's training state; make the order replayable."""
         if self.first_epoch_state is not None:
-            _load_training_state(trainer, self.first_epoch_state)
+            load_training_state(trainer, self.first_epoch_state)
+        if self.resume_state is not None:
+            restore_training_state(trainer, self.resume_state)
+            self._pending = self.resume_state
+            self._clock.last_opt_ni, self._clock.enforce = self.resume_state["last_opt_ni"], True  # steps.py
+            log.info("resumed with the exact training state (full-precision weights, EMA, optimizer; random states)")
         if is_main_rank():
             self._replay = install(trainer)
             self._loader = trainer.train_loader
-            if self._replay is not None:
-                step, replay = trainer.optimizer_step, self._replay
+        if self._replay is not None:
+            self._hostcopy = HostCopy(self.copy_budget)
+            self._rescuer = Rescuer(
+                self._hostcopy, checkpoint_signal=self.checkpoint_signal, target=Path(trainer.last),
+                checkpoint_file=self.checkpoint_file, save_every_s=self.save_every_s, progress=self._progress,
+                skeleton=ema_skeleton(trainer), results=trainer.read_results_csv,
+            )  # fmt: skip
+            self._rescuer.start()
+        step, replay, clock, hostcopy = trainer.optimizer_step, self._replay, self._clock, self._hostcopy
 
-                def optimizer_step() -> None:
-                    step()
-                    if trainer.train_loader is self._loader:
-                        replay.stepped()
+        def optimizer_step() -> None:
+            if clock.enforce and not clock.due(trainer):
+                return  # a resumed process's own cadence starts afresh: the interrupted run's counts
+            clock.fix_warmup(trainer)
+            if hostcopy is not None:
+                hostcopy.before_step()
+            step()
+            clock.stepped(trainer)
+            if replay is not None and trainer.train_loader is self._loader:
+                replay.stepped()
+                if hostcopy is not None:  # not at an epoch's last batch: the epoch-end save follows
+                    hostcopy.after_step(trainer, lambda: self._meta(trainer), allowed=not clock.last_batch())
 
-                trainer.optimizer_step = optimizer_step  # where a periodic checkpoint may stand
+        trainer.optimizer_step = optimizer_step  # where the host copy and periodic checkpoints stand
 
     def on_train_start(self, trainer: Any) -> None:
         """After a resume: forget results rows of epochs trained again; skip what the epoch already trained."""
@@ -234,7 +248,8 @@ class TrainerGuard:
             if dropped:
                 log.info("dropped %d results.csv row(s) past epoch %d: that work is redone", dropped, trainer.start_epoch)
         log.info("training epochs %d..%d of %d", trainer.start_epoch + 1, trainer.epochs, trainer.epochs)
-        self._last_save = time.monotonic()
+        self._progress.restart()  # set-up pauses are no measure of how long a batch may take
+        self._clock.start(trainer)
         if self.resume_position is not None:
             self._skip_trained(trainer, self.resume_position)  # after _do_train sized the epoch: it stays whole
         self._beat()
@@ -245,6 +260,7 @@ class TrainerGuard:
             pos.samples, pos.batch_size, pos.batches, pos.seed, pos.order,
         )
         if replay is None or not same:
+            self._clock.enforce = False  # the epoch is redone from its start: no cadence to continue
             log.warning(
                 "epoch %d was checkpointed at batch %d/%d, but this run's data order differs "
                 "(%s): the whole epoch is trained again",
@@ -253,6 +269,7 @@ class TrainerGuard:
             )
             return
         replay.resume_at(pos)
+        self._skip_pending = pos.done
         log.info(
             "epoch %d resumes at batch %d/%d in the interrupted run's order: batches 1-%d were trained before "
             "the checkpoint and are not repeated",
@@ -260,11 +277,25 @@ class TrainerGuard:
         )
 
     def on_train_batch_start(self, trainer: Any) -> None:
+        self._clock.batch_start()
+        if trainer.train_loader is not self._loader:
+            self._clock.enforce = False  # rebuilt after an out-of-memory retry: its cadence starts afresh
+        self._beat()
         if self._replay is not None and trainer.train_loader is self._loader:
             self._replay.consumed()
 
     def on_train_epoch_start(self, trainer: Any) -> None:
+        """The first batch is fetched next: the last moment to put the interrupted run's random states back."""
         self._batch = 0
+        self._clock.epoch_start(self._skip_pending)
+        if self._hostcopy is not None:
+            self._hostcopy.new_epoch()
+        self._skip_pending = 0
+        if self._pending is not None:
+            missed = restore_pending(trainer, self._pending)
+            if missed:
+                log.warning("random states not restored (%s): the run may differ from an uninterrupted one", ", ".join(missed))
+            self._pending = None
         self._beat()
 
     def on_train_batch_end(self, trainer: Any) -> None:
@@ -272,17 +303,22 @@ class TrainerGuard:
         self._beat()
         if not is_main_rank():
             return
-        if self.requested:
+        if self._clock.enforce and self._clock.due(trainer) and not self._clock.stepped_now:
+            trainer.optimizer_step()  # the interrupted run stepped here; this process's trainer did not
+        if not self.requested:
+            return
+        if self._hostcopy is None or self._position(trainer) is None:
+            if self._rescuer is not None:
+                self._rescuer.stand_down()
             self._checkpoint_mid_epoch(trainer)
-        elif self.save_every_s > 0 and time.monotonic() - self._last_save >= self.save_every_s:
-            self._periodic_checkpoint(trainer)
+        elif not self._clock.last_batch():  # at the last, the epoch-end save answers (on_model_save)
+            self._answer_from_host_copy(trainer)
 
     def on_val_batch_end(self, validator: Any) -> None:
         self._beat()  # validation of a large set can outlast the hang timeout
 
     def on_model_save(self, trainer: Any) -> None:
         """A request that arrived during validation: the epoch's checkpoint was just written."""
-        self._last_save = time.monotonic()
         if self.requested and is_main_rank() and trainer.epoch + 1 < trainer.epochs:
             log.info(
                 "checkpoint at the end of epoch %d/%d: resume will start at epoch %d (%s)",
@@ -292,105 +328,55 @@ class TrainerGuard:
 
     def on_fit_epoch_end(self, trainer: Any) -> None:
         self._beat()
+        copy = self._hostcopy
+        if copy is not None and copy.copies:
+            log.info(
+                "host copy: every %d optimizer step(s), %.1f ms a copy, %.1f ms a step (budget %g%%); "
+                "%d periodic checkpoint(s) written",
+                copy.every, copy.cost_s * 1e3, copy.step_s * 1e3, copy.budget * 100, self._rescuer.periodic,
+            )
 
     def _checkpoint_mid_epoch(self, trainer: Any) -> None:
-        """Save as if the previous epoch had just ended, plus where this one stopped; keep best.pt; exit 75."""
-        pos = self._position(trainer)
-        if pos is not None:
-            _apply_pending_gradients(trainer)
-        _save_mid_epoch(trainer, pos)
+        """No replayable position (no replay, or a loader rebuilt after an out-of-memory retry): save
+        as if the previous epoch had just ended, so the resume redoes this one; keep best.pt; exit 75."""
+        self._inexact = True  # the epoch is redone: nothing to continue exactly
+        save_mid_epoch(trainer)
         sys.stderr.write("\n")  # end the progress bar's line
-        if pos is not None:
-            log.info(
-                "checkpoint at epoch %d/%d batch %d/%d: resume will train the epoch's other %d batches (%s)",
-                trainer.epoch + 1, trainer.epochs, pos.done, pos.batches, pos.batches - pos.done, trainer.last,
-            )
-        else:
-            log.info(
-                "checkpoint at epoch %d/%d batch %d/%d: resume will redo epoch %d (%s)",
-                trainer.epoch + 1, trainer.epochs, self._batch, len(trainer.train_loader), trainer.epoch + 1, trainer.last,
-            )
+        log.info(
+            "checkpoint at epoch %d/%d batch %d/%d: resume will redo epoch %d (%s)",
+            trainer.epoch + 1, trainer.epochs, self._batch, len(trainer.train_loader), trainer.epoch + 1, trainer.last,
+        )
         exit_now(EX_TEMPFAIL)
 
-    def _periodic_checkpoint(self, trainer: Any) -> None:
-        """Bound what a fault the trainer cannot answer (a GPU gone mid-call, a SIGKILL) loses.
-
-        The checkpoint stands where the last optimizer step left the weights:
-        batches after it are in no weights yet, so the resume trains them
-        (again); training itself goes on exactly as without the save. Taken
-        only where the position can be replayed, so nothing is trained twice
-        that the checkpoint already holds.
-        """
-        if self._batch >= len(trainer.train_loader):
-            return  # the epoch's last batch: Ultralytics' own epoch-end save comes next
-        now, pos = self._position(trainer), self._replay.position_at_step() if self._replay is not None else None
-        if now is None or pos is None or pos.label != now.label or pos == self._saved_at:
-            return  # no optimizer step in this epoch yet (its start is the epoch-end checkpoint), or none since
-        _save_mid_epoch(trainer, pos)
-        self._last_save, self._saved_at = time.monotonic(), pos
+    def _answer_from_host_copy(self, trainer: Any) -> None:
+        """Copy the state as it stands at this batch end, accumulated gradients included; the writer
+        thread writes it; exit 75."""
+        snap = self._hostcopy.take(trainer, self._meta(trainer, at_step=False), wait=True, grads=True)
+        self._rescuer.hand_over(snap)
+        sys.stderr.write("\n")  # end the progress bar's line
+        pos = snap.meta["position"]
         log.info(
-            "periodic checkpoint at epoch %d/%d batch %d/%d (every %gs): %s",
-            trainer.epoch + 1, trainer.epochs, pos.done, pos.batches, self.save_every_s, trainer.last,
+            "checkpoint at epoch %d/%d batch %d/%d: resume will train the epoch's other %d batches (%s)",
+            trainer.epoch + 1, trainer.epochs, pos["done"], pos["batches"], pos["batches"] - pos["done"], trainer.last,
         )
+        exit_now(EX_TEMPFAIL)
+
+    def _meta(self, trainer: Any, at_step: bool = True) -> dict[str, Any]:
+        """What a checkpoint holds beside the tensors, as of the last optimizer step (or this batch end)."""
+        from ultralytics import __version__
+
+        stopper, replay = trainer.stopper, self._replay
+        return {
+            "epoch": trainer.epoch, "position": (replay.position_at_step() if at_step else replay.position()).to_json(),
+            "last_opt_ni": self._clock.last_opt_ni,
+            "metrics": dict(trainer.metrics), "best_fitness": trainer.best_fitness,
+            "stopper": {"best_fitness": stopper.best_fitness, "best_epoch": stopper.best_epoch},
+            "train_args": dict(vars(trainer.args)), "version": __version__,
+        }  # fmt: skip
+
+    def _saved_by_trainer(self) -> None:
+        if self._rescuer is not None and self._hostcopy is not None:
+            self._rescuer.saved_by_trainer(self._hostcopy.steps)
 
     def _position(self, trainer: Any) -> Position | None:
         return self._replay.position() if self._replay is not None and trainer.train_loader is self._loader else None
-
-
-def _load_training_state(trainer: Any, path: Path) -> None:
-    """Optimizer, AMP scaler and EMA from a checkpoint taken during the first epoch.
-
-    Ultralytics refuses to resume "no epoch completed", so such a run starts
-    again from the checkpoint's weights; without this its optimizer (momentum,
-    Adam moments) and EMA would start from scratch too.
-    """
-    import torch
-
-    load = getattr(trainer, "_load_checkpoint_state", None)  # what Ultralytics' own resume calls
-    if load is None:
-        log.warning("this Ultralytics has no _load_checkpoint_state: optimizer and EMA start afresh")
-        return
-    load(torch.load(path, map_location="cpu", weights_only=False))
-    log.info("first epoch continues with the optimizer, scaler and EMA state of %s", path)
-
-
-def _save_mid_epoch(trainer: Any, pos: Position | None) -> None:
-    """last.pt as "the previous epoch completed" (+ where this one stands); best.pt and epochN.pt untouched."""
-    epoch, best, period, metrics = trainer.epoch, trainer.best, trainer.save_period, trainer.metrics
-    trainer.epoch, trainer.best, trainer.save_period = epoch - 1, _DiscardPath(best), 0
-    if pos is not None:
-        trainer.metrics = {**metrics, RESUME_KEY: pos.to_json()}  # save_model keeps it as train_metrics
-    try:
-        trainer.save_model()
-    finally:
-        trainer.epoch, trainer.best, trainer.save_period, trainer.metrics = epoch, best, period, metrics
-
-
-def _pending_gradients(trainer: Any) -> bool:
-    """Has backward() run since the last optimizer step? (the step zeroes .grad; it may keep the tensors)"""
-    return any(p.grad is not None and bool(p.grad.any()) for p in trainer.model.parameters())
-
-
-def _apply_pending_gradients(trainer: Any) -> None:
-    """Gradients of batches since the last optimizer step are not in a checkpoint: step on them now.
-
-    Only when there are some: a step on zero gradients would still move the
-    weights (momentum, weight decay)."""
-    if _pending_gradients(trainer):
-        trainer.optimizer_step()
-
-
-def _make_strip_atomic() -> None:
-    """final_eval rewrites last.pt/best.pt in place via strip_optimizer; route it through a temp file."""
-    import ultralytics.engine.trainer as trainer_module
-
-    original = trainer_module.strip_optimizer
-    if getattr(original, "_gpuguard_atomic", False):
-        return
-
-    def strip_optimizer(f: str | Path = "best.pt", s: str = "", updates: dict[str, Any] | None = None) -> dict[str, Any]:
-        with replacing(Path(s or f)) as tmp:
-            return original(f, str(tmp), updates)
-
-    strip_optimizer._gpuguard_atomic = True  # type: ignore[attr-defined]
-    trainer_module.strip_optimizer = strip_optimizer

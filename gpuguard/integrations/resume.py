@@ -9,10 +9,11 @@ refused by its resume check.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpuguard.integrations.exact import read_state
 from gpuguard.integrations.replay import RESUME_KEY, Position
 
 
@@ -25,6 +26,7 @@ class ResumePoint:
     save_dir: Path | None  # where the original run writes (results.csv, weights/); None once finished
     train_args: dict[str, Any]
     position: Position | None = None  # where in the next epoch a mid-epoch checkpoint stopped
+    state: dict[str, Any] | None = field(default=None, repr=False)  # the exact training state (exact.py)
 
 
 def read_resume_point(path: Path) -> ResumePoint:
@@ -51,4 +53,5 @@ def read_resume_point(path: Path) -> ResumePoint:
         save_dir=Path(save_dir).resolve() if save_dir else None,
         train_args=train_args,
         position=None if finished else Position.from_json((ckpt.get("train_metrics") or {}).get(RESUME_KEY)),
+        state=None if finished else read_state(ckpt),
     )

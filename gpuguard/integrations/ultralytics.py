@@ -1,13 +1,16 @@
 """`gpuguard-yolo`: `yolo train` under gpuguard, offline.
 
-    gpuguard-yolo train [--save-every-s 600] model=yolov8n.yaml data=/abs/data.yaml epochs=10 ...
+    gpuguard-yolo train [--save-every-s S] [--copy-budget 0.02] model=yolov8n.yaml data=/abs/data.yaml epochs=10 ...
     gpuguard-yolo make-dataset DIR [--train 16 --val 4 --imgsz 64]
 
 `train` takes the same KEY=VALUE arguments as `yolo train` and adds what a
 job managed by gpuguard needs (see guard.py): checkpoint-and-exit-75 on the
-checkpoint signal, a heartbeat, atomic checkpoint writes, a mid-epoch
-checkpoint every --save-every-s seconds, resume from GPUGUARD_RESUME_FROM
-(mid-epoch: the rest of the epoch, in the same order). Exit codes: 0 trained
+checkpoint signal, a heartbeat, atomic checkpoint writes, a host copy of
+the training state within --copy-budget of step time, written by a
+background thread every --save-every-s seconds (by default as often as 1 %
+of the time writing allows, 30 to 600 s) and when the trainer is stuck on
+the signal, resume from GPUGUARD_RESUME_FROM (mid-epoch: the rest of the
+epoch, in the same order, with the exact training and random states). Exit codes: 0 trained
 (or nothing left to train), 75 checkpoint saved (restart me), 2 bad
 arguments, 1 anything else.
 
@@ -27,12 +30,14 @@ from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gpuguard.integrations import standby
 from gpuguard.integrations.dataset import make_dataset
 from gpuguard.integrations.guard import TrainerGuard
+from gpuguard.integrations.hostcopy import BUDGET
+from gpuguard.integrations.rescue import SAVE_MAX_S, SAVE_MIN_S, SAVE_SHARE
 from gpuguard.integrations.resume import ResumePoint, read_resume_point
 
 log = logging.getLogger("gpuguard.yolo")
-SAVE_EVERY_S = 600.0  # a fault the trainer cannot answer loses at most this much training
 
 EX_USAGE = 2
 FONTS = ("Arial.ttf", "Arial.Unicode.ttf")
@@ -152,21 +157,25 @@ def resume_kwargs(point: ResumePoint, overrides: dict[str, Any], device: str) ->
     return {**base, **user, **common, "resume": False, "pretrained": True, "exist_ok": True}
 
 
-def train(tokens: Sequence[str], save_every_s: float = SAVE_EVERY_S) -> int:
+def train(tokens: Sequence[str], save_every_s: float | None = None, copy_budget: float = BUDGET) -> int:
     """The `train` command; see the module docstring for exit codes."""
-    if not save_every_s >= 0:
+    if save_every_s is not None and not save_every_s >= 0:
         raise UsageError(f"--save-every-s must be 0 (off) or more, not {save_every_s}")
+    if not copy_budget > 0:
+        raise UsageError(f"--copy-budget must be more than 0, not {copy_budget}")
     try:
         guard = TrainerGuard.from_env()
     except ValueError as exc:
         raise UsageError(f"GPUGUARD_CHECKPOINT_SIGNAL: {exc}") from None
     guard.save_every_s = save_every_s
+    guard.copy_budget = copy_budget
     guard.listen()  # first: a checkpoint request during start-up is kept for the first batch end
     raw = split_args(tokens)
     setup_offline(raw)
     from ultralytics import YOLO
 
     overrides = convert_args(raw)
+    standby.prepare(overrides)  # a warm standby builds what needs no GPU and waits here for its GPUs
     device = choose_device(overrides)
     resume_from = os.environ.get("GPUGUARD_RESUME_FROM")
     if resume_from:
@@ -185,6 +194,7 @@ def train(tokens: Sequence[str], save_every_s: float = SAVE_EVERY_S) -> int:
         model = YOLO(str(point.path))
         kwargs = resume_kwargs(point, overrides, device)
         guard.resume_position = point.position
+        guard.resume_state = point.state
         if point.completed_epochs == 0:
             guard.first_epoch_state = point.path
     else:
@@ -203,8 +213,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("train", help="yolo train KEY=VALUE ... with gpuguard's checkpoint handshake")
     run.add_argument(
-        "--save-every-s", type=float, default=SAVE_EVERY_S, metavar="SECONDS",
-        help=f"also checkpoint mid-epoch this often, for faults the trainer cannot answer (default {SAVE_EVERY_S:g}; 0: off)",
+        "--save-every-s", type=float, default=None, metavar="SECONDS",
+        help=f"also checkpoint mid-epoch this often, for faults the trainer cannot answer (default: {SAVE_SHARE * 100:g} %% "
+        f"of the time writing, every {SAVE_MIN_S:g} to {SAVE_MAX_S:g} s; 0: off)",
+    )
+    run.add_argument(
+        "--copy-budget", type=float, default=BUDGET, metavar="FRACTION",
+        help=f"share of step time the host copy of the training state may cost (default {BUDGET:g}; inf: every step)",
     )
     run.add_argument("args", nargs=argparse.REMAINDER, help="KEY=VALUE arguments of `yolo train`")
     data = sub.add_parser("make-dataset", help="write a tiny synthetic detection dataset")
@@ -228,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError("need --imgsz >= 32 and at least one train and one val image")
             print(make_dataset(args.dir, train=args.train, val=args.val, imgsz=args.imgsz))
             return 0
-        return train(args.args, args.save_every_s)
+        return train(args.args, args.save_every_s, args.copy_budget)
     except UsageError as exc:
         log.error("error: %s", exc)
         return EX_USAGE

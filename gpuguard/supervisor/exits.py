@@ -33,7 +33,7 @@ class ExitHandling:
         if job.rt.proc is not None:
             left = job.rt.proc.end_leftovers(min(self.settings.stop_timeout_s, LEFTOVER_TERM_S))
         else:
-            left = kill_cgroup_of(job.name, self.files.status(job.name))
+            left = kill_cgroup_of(job.name, self.files.status(job.name, job.attempt.slot))
         if left:
             self.say(
                 job, EventKind.JOB_LEFTOVERS_STOPPED, Severity.WARNING,

@@ -11,6 +11,9 @@ from gpuguard import contract
 from gpuguard.supervisor.job import Job
 
 
+SLOTS = (0, 1)  # exit-status slots: an attempt and its warm standby, in turn
+
+
 @dataclass(frozen=True, slots=True)
 class JobFiles:
     """The state dir keeps what must survive (output, exit status); the runtime dir
@@ -31,8 +34,15 @@ class JobFiles:
     def log(self, name: str) -> Path:
         return self.jobs_dir / name / "output.log"
 
-    def status(self, name: str) -> Path:
-        return self.jobs_dir / name / "exit-status"
+    def status(self, name: str, slot: int = 0) -> Path:
+        """The exit status of the attempt in `slot`: an attempt and the job's warm standby
+        (standby.py) use the two slots in turn, so each has its own wrapper, cgroup and status."""
+        return self.jobs_dir / name / ("exit-status" if slot == 0 else f"exit-status.{slot}")
+
+    def handover(self, name: str, slot: int) -> Path:
+        """Where the standby of `slot` is told to start (GPUGUARD_STANDBY_FILE): in the
+        daemon's 0711 directory, so the job can read it by name but plant nothing there."""
+        return self.jobs_dir / name / f"handover.{slot}"
 
     def prepare(self, job: Job) -> None:
         """The job's directories, its runtime dir owned by its user (it writes there).

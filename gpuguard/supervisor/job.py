@@ -41,6 +41,7 @@ class Attempt:
     pin_attempt: int = 0  # the attempt running when the rollback was asked: its late checkpoints do not count
     pending_resets: list[str] = field(default_factory=list)  # GPUs to reset once the job is off them
     checkpoint_found: str | None = None  # where the trainer said its checkpoint is (GPUGUARD_CHECKPOINT_FILE)
+    slot: int = 0  # the exit-status slot of this attempt (files.status); a promoted standby brings its own
 
     @classmethod
     def from_json(cls, rec: Mapping[str, Any]) -> Attempt:
@@ -62,6 +63,12 @@ class Runtime:
     waiting_reported: bool = False
     old_pids: frozenset[int] = frozenset()  # the previous attempt's tree: its GPUs must be free of it
     release_wait_since: float | None = None  # when the restart began to wait for that
+    # the warm standby (standby.py): the next attempt, started early without GPUs, waiting to be told
+    standby: JobProcess | None = None
+    standby_since: float | None = None
+    standby_deaths: int = 0  # standbys that died waiting in a row: their replacement backs off
+    standby_retry_at: float = 0.0
+    standby_skipped: bool = False  # standby_skipped was said; once until a standby starts again
 
 
 @dataclass

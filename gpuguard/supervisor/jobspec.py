@@ -43,6 +43,7 @@ class JobSpec:
     checkpoint: Path | None = None  # absolute
     max_restarts: int = 10
     source: str = "cli"  # "config" | "cli"
+    standby: bool = False  # keep a warm standby of the next attempt (standby.py)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -101,6 +102,8 @@ def from_entry(entry: JobEntry, default_max_restarts: int) -> JobSpec:
         checkpoint=resolve_checkpoint(entry.checkpoint, workdir),
         max_restarts=entry.max_restarts if entry.max_restarts is not None else default_max_restarts,
         source="config",
+        # gpuguard-yolo waits for its hand-over; a generic command may not (docs/BENCHMARKS.md "Warm standby")
+        standby=entry.standby if entry.standby is not None else bool(entry.yolo and not entry.command),
     )
 
 
@@ -144,4 +147,5 @@ def from_request(req: Mapping[str, Any], uid: int, gid: int, groups: tuple[int, 
         checkpoint=resolve_checkpoint(req.get("checkpoint"), workdir),
         max_restarts=int(max_restarts) if max_restarts is not None else default_max_restarts,
         source="cli",
+        standby=req.get("standby") is True,
     )

@@ -209,6 +209,8 @@ class Settings:
     hang_timeout_s: float
     hang_startup_timeout_s: float
     hang_idle_util_pct: float
+    standby_min_free_mb: int = 2048  # [jobs]: no warm standby starts while less memory is available
+    standby_delay_s: float = 5.0  # [jobs]: ... nor before the attempt showed progress this long ago
 
 
 @dataclass(frozen=True, slots=True)

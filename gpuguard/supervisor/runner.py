@@ -28,6 +28,7 @@ from gpuguard.supervisor.exits import FAULT, ExitHandling
 from gpuguard.supervisor.process import StopResult, spawn
 from gpuguard.supervisor.remote import StoredFetch
 from gpuguard.supervisor.requeue import HandOff
+from gpuguard.supervisor.standby import Standbys
 from gpuguard.supervisor.states import ACTIVE, FINAL, JobEvent, JobState, transition
 
 log = structlog.get_logger("gpuguard.supervisor")
@@ -49,6 +50,7 @@ class JobRunner(ExitHandling):
         self.intake = intake
         self.facts: Facts = {}  # the latest facts: of this tick, or fetched for a request
         self.handoff = HandOff(self)  # jobs this node cannot run go back to the batch scheduler
+        self.standby = Standbys(self)  # each job's next attempt, started early (standby.py)
         # a job's first start may wait (on a worker) for a newer snapshot from [storage] url
         self.fetch = StoredFetch(intake.ring, ports.storage, files.jobs_dir.parent / "fetch", self.say, ports.wake)
 
@@ -70,6 +72,8 @@ class JobRunner(ExitHandling):
         job.attempt.state = transition(job.attempt.state, event)
         if job.attempt.state in FINAL:
             job.attempt.gpus = []  # a job in a final state holds no GPU
+        if job.attempt.state in FINAL or job.attempt.state == JobState.REQUEUEING:
+            self.standby.end(job)  # no next attempt here
         if kind is not None:
             self.say(job, kind, severity, message, **extra)
         self.persist(job)
@@ -134,9 +138,10 @@ class JobRunner(ExitHandling):
         try:
             self.files.prepare(job)
             env = job_env(job, self.files, self.settings.checkpoint_signal, resume)
-            proc = spawn(
+            # a waiting standby is told to start (its record is saved); else a new process
+            proc = self.standby.promote(job, env) or spawn(
                 list(job.spec.command), env=env, cwd=job.spec.workdir, user=job.spec.user,
-                log_path=self.files.log(job.name), status_path=self.files.status(job.name), job_name=job.name,
+                log_path=self.files.log(job.name), status_path=self.files.status(job.name, job.attempt.slot), job_name=job.name,
             )
         except (OSError, ValueError) as exc:
             job.attempt.reason = f"cannot start: {exc}"

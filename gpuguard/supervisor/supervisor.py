@@ -24,7 +24,7 @@ from gpuguard.config import JobEntry
 from gpuguard.events import EventKind
 from gpuguard.health.types import Severity
 from gpuguard.supervisor import exitcode, hang, jobspec, remote
-from gpuguard.supervisor.files import JobFiles
+from gpuguard.supervisor.files import SLOTS, JobFiles
 from gpuguard.supervisor.holders import ForeignHolders
 from gpuguard.supervisor.intake import CheckpointIntake
 from gpuguard.supervisor.job import Job
@@ -94,7 +94,7 @@ class Supervisor:
             return
         self.intake.watch(job)
         a = job.attempt
-        status = self.files.status(job.name)
+        status = self.files.status(job.name, a.slot)
         if job.state not in ACTIVE or not a.pid or not a.start_time:
             self._end_strays(job, keep=None)
             return
@@ -129,14 +129,20 @@ class Supervisor:
     def _end_strays(self, job: Job, keep: int | None) -> None:
         """An attempt the record does not know (a daemon killed between its spawn and its
         save) must not run beside the one that will start now: its wrappers, and, when
-        no recorded attempt lives, the job's cgroup, are stopped."""
-        status = self.files.status(job.name)
-        strays = [(pid, ct) for pid, ct in wrappers_of(status) if pid != keep]
-        for pid, ct in strays:
-            stray = adopt(pid, ct, status_path=status)
-            if stray is not None:
-                stray.stop(None, 0.0, self.ports.settings().stop_timeout_s)
-        left = kill_cgroup_of(job.name, status) if keep is None else ()
+        no recorded attempt lives, the job's cgroup, are stopped. So is a warm standby of
+        the previous daemon (the other slot): never adopted, a new one follows."""
+        strays: list[tuple[int, float]] = []
+        left: tuple[int, ...] = ()
+        for slot in SLOTS:
+            status = self.files.status(job.name, slot)
+            found = [(pid, ct) for pid, ct in wrappers_of(status) if pid != keep]
+            for pid, ct in found:
+                stray = adopt(pid, ct, status_path=status)
+                if stray is not None:
+                    stray.stop(None, 0.0, self.ports.settings().stop_timeout_s)
+            strays += found
+            if keep is None or slot != job.attempt.slot:
+                left += kill_cgroup_of(job.name, status)
         if strays or left:
             pids_text = ", ".join(str(pid) for pid in [p for p, _ in strays] + list(left))
             self._say(job, EventKind.JOB_LEFTOVERS_STOPPED, Severity.WARNING, f"job {job.name}: processes of an attempt its record did not know were stopped (pids {pids_text})")
@@ -245,6 +251,7 @@ class Supervisor:
                     log.exception("job_tick_failed", job=job.name)
             ours = {p for j in self.jobs.values() if j.rt.proc is not None for p in j.rt.proc.known}
             ours |= {j.attempt.pid for j in self.jobs.values() if j.attempt.pid}
+            ours |= {j.rt.standby.pid for j in self.jobs.values() if j.rt.standby is not None}
             self.foreign.tick(facts, ours, self.ports.settings())
 
     def _tick_job(self, job: Job, now: float) -> None:
@@ -253,6 +260,7 @@ class Supervisor:
         if job.state == JobState.REQUEUEING:
             self.runner.handoff.tick(job)
             return
+        self.runner.standby.tick(job, now)
         rt = job.rt
         if rt.stopping is not None:
             if rt.stop_result is not None or not rt.stopping.is_alive():
@@ -338,6 +346,7 @@ class Supervisor:
             "source": spec.source,
             "backoff_until": a.backoff_until if job.state == JobState.BACKOFF else None,
             "log": str(self.files.log(job.name)),
+            "standby": self.runner.standby.view(job),
         }
 
     def jobs_on(self, uuid: str) -> list[str]:
@@ -347,7 +356,11 @@ class Supervisor:
         return [j.name for j in self.jobs.values() if j.state not in FINAL and j.state not in idle and uuid in j.attempt.gpus]
 
     def close(self) -> None:
-        """Daemon stop: the jobs keep running; only watchers and threads go."""
+        """Daemon stop: the jobs keep running; only watchers and threads go, and the
+        standbys (a new daemon would end them anyway: they are never adopted)."""
+        with self.lock:
+            for job in self.jobs.values():
+                self.runner.standby.end(job)
         self.intake.close()
 
 

@@ -107,6 +107,7 @@ def test_run_gets_every_spec_key_with_defaults() -> None:
         "workdir": None,
         "max_restarts": None,
         "env": {},
+        "standby": False,
     }
 
 

@@ -17,7 +17,9 @@ from .jobs.trainer import ATTEMPTS
 
 TRAINER = Path(__file__).with_name("jobs") / "trainer.py"
 GRACE_S = 2.0
-FAST = f"[jobs]\ncheckpoint_grace_s = {GRACE_S}\nstop_timeout_s = 0.5\n"
+# snapshots_keep: the trainer checkpoints every few steps, and a test reads back the snapshot an
+# attempt resumed from; on a loaded machine five newer ones had pruned it before the read
+FAST = f"[jobs]\ncheckpoint_grace_s = {GRACE_S}\nstop_timeout_s = 0.5\nsnapshots_keep = 1000\n"
 
 
 def attempts(workdir: Path) -> list[dict[str, Any]]:

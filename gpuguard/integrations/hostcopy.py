@@ -1,0 +1,279 @@
+"""A host-memory copy of the training state, refreshed at optimizer-step boundaries.
+
+What a checkpoint needs changes only in `optimizer_step` (weights, EMA,
+optimizer state) and, for the BatchNorm running statistics, in every forward
+pass. So right after a step the small, forward-written tensors are cloned on
+the trainer's thread (on a GPU: device-side, no host sync) and a copier
+thread copies everything into host buffers (pinned on a GPU, on a side
+stream) while the next batch's forward and backward run: they only read
+those tensors. The next step waits for the copy first (`before_step`), so a
+copy is never torn. Two host slots: a checkpoint writer may hold the newest
+complete copy while the next one is filled.
+
+Cost budget: copies are taken every `every` optimizer steps so that their
+measured cost stays within `budget` of the measured step time. On a GPU the
+cost is what the trainer's thread spends: its share of a copy plus its wait
+at the next step (the copy engine's time is free). On the CPU a background
+copy takes its time from the same cores as training (and, on a shared
+machine, from other processes: its own duration says little), so one copy
+in CALIBRATE_EVERY runs on the trainer's thread instead, and its duration
+is the cost: an upper bound on a dedicated machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpuguard.integrations import rng
+from gpuguard.integrations.exact import VERSION, pending_grads
+
+BUDGET = 0.02  # of step time
+SMOOTHING = 0.3  # weight of the newest measurement in the running averages
+CALIBRATE_EVERY = 10  # on the CPU, one copy in this many is made on the trainer's thread and timed
+
+
+@dataclass
+class Snapshot:
+    """One complete copy: host tensors by name plus the small state beside them."""
+
+    tensors: dict[str, Any]  # "model/<key>", "ema/<key>", "optim/<param index>/<name>", "grad/<param>" -> host tensor
+    meta: dict[str, Any]  # epoch, position, rng, updates, param_groups, scaler, metrics, ...
+    step: int  # optimizer steps this process had taken when it was copied
+    complete: threading.Event = field(default_factory=threading.Event)
+
+    def exact_state(self) -> dict[str, Any]:
+        """The exact state (exact.py) on the host tensors."""
+        meta = self.meta
+        return {
+            "version": VERSION, "model": self._part("model/"), "ema": self._part("ema/"), "updates": meta["updates"],
+            "optimizer": self._optimizer(), "scaler": meta["scaler"], rng.KEY: meta[rng.KEY],
+            "grads": self._part("grad/"), "last_opt_ni": meta["last_opt_ni"],
+        }  # fmt: skip
+
+    def _part(self, prefix: str) -> dict[str, Any]:
+        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def _optimizer(self) -> dict[str, Any]:
+        state: dict[int, dict[str, Any]] = {}
+        for index, values in self.meta["optim_scalars"].items():
+            state.setdefault(index, {}).update(values)
+        for key, value in self.tensors.items():
+            if key.startswith("optim/"):
+                _, index, name = key.split("/", 2)
+                state.setdefault(int(index), {})[name] = value
+        return {"state": state, "param_groups": self.meta["param_groups"]}
+
+
+class HostCopy:
+    """The newest complete host copy of one trainer's state; see the module docstring."""
+
+    def __init__(self, budget: float = BUDGET) -> None:
+        self.budget = budget
+        self.every = 1  # take a copy every this many optimizer steps
+        self.step_s = 0.0  # running average of the time between steps
+        self.cost_s = 0.0  # running average of one copy's cost
+        self.copies = 0
+        self._since_sample = CALIBRATE_EVERY  # copies since the last cost sample: the first usable one is timed
+        self._steps = 0
+        self._last_step_at: float | None = None
+        self._taken_at_step = -math.inf
+        self._slots: list[Snapshot | None] = [None, None]
+        self._latest: Snapshot | None = None
+        self._held: Snapshot | None = None  # by the checkpoint writer
+        self._lock = threading.Lock()
+        self._job: tuple[Snapshot, list[tuple[Any, Any]], Any] | None = None
+        self._inflight: Snapshot | None = None
+        self._stream: Any = None  # the copier's CUDA stream, made on its first GPU copy
+        self._wake = threading.Condition(self._lock)
+        self._copier = threading.Thread(target=self._copy_loop, name="gpuguard-hostcopy", daemon=True)
+        self._copier.start()
+
+    # --- the trainer's thread --------------------------------------------
+    def before_step(self) -> None:
+        """The step is about to change what the copier reads: let it finish first."""
+        snap = self._inflight
+        if snap is None:
+            return
+        started = time.perf_counter()
+        snap.complete.wait()
+        self._inflight = None
+        self._account(snap, wait_s=time.perf_counter() - started)
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps counted so far."""
+        return self._steps
+
+    def new_epoch(self) -> None:
+        """Validation and the epoch-end save since the last step are no part of step time."""
+        self._last_step_at = None
+
+    def after_step(self, trainer: Any, meta: Callable[[], dict[str, Any]], allowed: bool = True) -> None:
+        """Count the step; take a copy if `allowed`, one is due and the budget allows."""
+        now = time.perf_counter()
+        if self._last_step_at is not None:
+            self.step_s = _average(self.step_s, now - self._last_step_at)
+        self._last_step_at = now
+        self._steps += 1
+        if allowed and self._steps - self._taken_at_step >= self.every:
+            self.take(trainer, meta(), wait=False)
+
+    def take(self, trainer: Any, meta: dict[str, Any], wait: bool, grads: bool = False) -> Snapshot | None:
+        """Start a copy of the state as it stands now; with `wait`, return only once it is complete.
+
+        `grads`: with the gradients accumulated since the last step (a copy between steps).
+
+        Without `wait`, None when the writer holds the one slot that is not the newest copy."""
+        self.before_step()
+        started = time.perf_counter()
+        with self._lock:
+            while not (free := self._free_slots()):
+                if not wait:
+                    return None
+                self._wake.wait()
+        pairs, scalars = _sources(trainer, grads)
+        meta = {**meta, "optim_scalars": scalars, rng.KEY: rng.capture(trainer),
+                "param_groups": copy.deepcopy(trainer.optimizer.state_dict()["param_groups"]),
+                "updates": int(trainer.ema.updates), "scaler": trainer.scaler.state_dict()}  # fmt: skip
+        old = self._slots[free[0]]
+        host = old.tensors if old is not None else {}
+        copies, fresh = [], False
+        for name, src, forward_written in pairs:
+            dst = host.get(name)
+            if dst is None or dst.shape != src.shape or dst.dtype != src.dtype:
+                dst, fresh = _host_like(src), True
+            copies.append((dst, src.clone() if forward_written else src))
+        snap = Snapshot({name: dst for (name, _, _), (dst, _) in zip(pairs, copies)}, meta, self._steps)
+        self._slots[free[0]] = snap
+        event = _record_event(trainer)
+        snap.meta.update(on_gpu=event is not None, fresh=fresh, timed=False)
+        self._taken_at_step = self._steps
+        if event is None and not fresh and self._since_sample >= CALIBRATE_EVERY:
+            _copy(copies, None, None)  # on the trainer's thread: what a copy costs with the cores to itself
+            snap.meta.update(trainer_s=time.perf_counter() - started, timed=True)
+            with self._lock:
+                self._latest = snap
+            snap.complete.set()
+            self._account(snap, wait_s=0.0)
+            return snap
+        snap.meta["trainer_s"] = time.perf_counter() - started
+        with self._lock:
+            self._job = (snap, copies, event)
+            self._wake.notify_all()
+        self._inflight = snap
+        if wait:
+            self.before_step()
+        return snap
+
+    # --- any thread -------------------------------------------------------
+    def hold_latest(self, timeout: float) -> Snapshot | None:
+        """The newest complete copy, kept from being overwritten until `release`.
+
+        A copy in progress is waited for (up to `timeout`): it is newer, and
+        the copier finishes it even while the trainer's thread is stuck."""
+        inflight = self._inflight
+        if inflight is not None:
+            inflight.complete.wait(timeout)
+        with self._lock:
+            self._held = self._latest
+            return self._held
+
+    def release(self) -> None:
+        with self._lock:
+            self._held = None
+            self._wake.notify_all()
+
+    def _free_slots(self) -> list[int]:
+        return [i for i, s in enumerate(self._slots) if s is None or (s is not self._latest and s is not self._held)]
+
+    # --- the copier thread ----------------------------------------------
+    def _copy_loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._job is None:
+                    self._wake.wait()  # shared with `take` waiting for a slot: both re-check their condition
+                snap, copies, event = self._job
+                self._job = None
+            if event is not None and self._stream is None:
+                import torch
+
+                self._stream = torch.cuda.Stream()
+            _copy(copies, event, self._stream)
+            with self._lock:
+                self._latest = snap
+            snap.complete.set()
+
+    # --- the trainer's thread again ---------------------------------------
+    def _account(self, snap: Snapshot, wait_s: float) -> None:
+        """A cost sample from a GPU copy or a timed CPU copy; see the module docstring."""
+        self.copies += 1
+        if snap.meta["fresh"]:
+            return  # new host buffers: page faults paid once, not a measure of the copies to come
+        if not (snap.meta["on_gpu"] or snap.meta["timed"]):
+            self._since_sample += 1
+            return
+        self._since_sample = 0
+        self.cost_s = _average(self.cost_s, snap.meta["trainer_s"] + wait_s)
+        if self.step_s > 0:
+            self.every = max(1, math.ceil(self.cost_s / (self.budget * self.step_s)))
+
+
+def _sources(trainer: Any, grads: bool) -> tuple[list[tuple[str, Any, bool]], dict[int, dict[str, Any]]]:
+    """(name, live tensor, written by the forward pass?) for everything a checkpoint needs, and
+    the optimizer's non-tensor per-parameter values."""
+    model = getattr(trainer.model, "module", trainer.model)
+    buffers = {name for name, _ in model.named_buffers()}
+    pairs = [(f"model/{k}", v, k in buffers) for k, v in model.state_dict().items()]
+    if grads:
+        pairs += [(f"grad/{k}", v, False) for k, v in pending_grads(trainer).items()]
+    pairs += [(f"ema/{k}", v, False) for k, v in trainer.ema.ema.state_dict().items()]
+    scalars: dict[int, dict[str, Any]] = {}
+    for index, values in trainer.optimizer.state_dict()["state"].items():
+        for name, value in values.items():
+            if hasattr(value, "shape"):
+                pairs.append((f"optim/{index}/{name}", value, False))
+            else:
+                scalars.setdefault(index, {})[name] = value
+    return pairs, scalars
+
+
+def _host_like(src: Any) -> Any:
+    import torch
+
+    return torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
+
+
+def _record_event(trainer: Any) -> Any:
+    """On a GPU: the point in the trainer's stream after which the copy may read."""
+    import torch
+
+    if getattr(trainer.device, "type", "cpu") != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+def _copy(copies: list[tuple[Any, Any]], event: Any, stream: Any) -> None:
+    import torch
+
+    if event is None:
+        with torch.no_grad():
+            for dst, src in copies:
+                dst.copy_(src)
+        return
+    with torch.cuda.stream(stream), torch.no_grad():
+        stream.wait_event(event)
+        for dst, src in copies:
+            dst.copy_(src, non_blocking=True)
+    stream.synchronize()
+
+
+def _average(old: float, new: float) -> float:
+    return new if old == 0 else (1 - SMOOTHING) * old + SMOOTHING * new

@@ -1,0 +1,160 @@
+"""The host copy on a small real model: consistent copies at step boundaries, the budget, the checkpoint it makes.
+
+Plus the periodic checkpoint's domain, on a real tiny YOLO run: a trainer that
+can run nothing more (here: its main thread blocked, then SIGKILL; the same
+holds under SIGSTOP) resumes from the newest copy the writer thread put on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import wait_until
+from gpuguard.integrations.exact import STATE_KEY, read_state, restore_pending, restore_training_state
+from gpuguard.integrations.hostcopy import HostCopy
+from gpuguard.integrations.replay import RESUME_KEY
+from gpuguard.integrations.rescue import checkpoint
+from .yolo_runs import EXACT_ARGS, EXACT_SHIM, Job, trained_per_epoch
+
+torch = pytest.importorskip("torch")
+
+
+@dataclass
+class Ema:
+    ema: Any
+    updates: int = 0
+
+
+@dataclass
+class Trainer:
+    """The trainer attributes the host copy reads: a small conv net with BatchNorm, AdamW and an EMA."""
+
+    model: Any = field(default_factory=lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)))
+    device: Any = field(default_factory=lambda: torch.device("cpu"))
+    train_loader: Any = None
+    ema: Ema = field(init=False)
+    optimizer: Any = field(init=False)
+    scaler: Any = field(default_factory=lambda: torch.amp.GradScaler("cuda", enabled=False))
+
+    def __post_init__(self) -> None:
+        self.ema = Ema(copy.deepcopy(self.model))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.01)
+
+    def batch(self) -> None:
+        """Forward (BatchNorm statistics move) and backward."""
+        self.model(torch.randn(4, 3, 8, 8)).square().mean().backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        with torch.no_grad():
+            for e, m in zip(self.ema.ema.state_dict().values(), self.model.state_dict().values()):
+                e.copy_(0.9 * e + 0.1 * m) if e.is_floating_point() else e.copy_(m)
+        self.ema.updates += 1
+
+    def state(self) -> dict[str, Any]:
+        return copy.deepcopy({"model": self.model.state_dict(), "ema": self.ema.ema.state_dict(),
+                              "optimizer": self.optimizer.state_dict()})  # fmt: skip
+
+
+META = {"epoch": 1, "position": {"done": 2}, "last_opt_ni": 7, "metrics": {}, "best_fitness": None, "stopper": {},
+        "train_args": {"epochs": 3}, "version": "test"}  # fmt: skip
+
+
+def equal(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_a_copy_taken_at_a_step_is_that_step_s_state_while_the_next_batch_runs() -> None:
+    t, copier = Trainer(), HostCopy(budget=math.inf)
+    for _ in range(3):  # warm: both slots in use
+        t.batch()
+        copier.before_step()
+        t.step()
+        copier.after_step(t, lambda: dict(META))
+    at_step = t.state()
+    t.batch()  # runs while the copier copies: BatchNorm statistics change, the copy keeps the step's
+    snap = copier.hold_latest(timeout=60)
+    state = snap.exact_state()
+    assert equal(state["model"], at_step["model"]) and equal(state["ema"], at_step["ema"]) and snap.step == 3
+    assert equal(state["optimizer"]["state"], at_step["optimizer"]["state"]) and state["grads"] == {}
+    assert not equal(state["model"], t.model.state_dict())  # the live running statistics moved on
+    copier.release()
+
+
+def test_the_budget_spaces_copies_by_measured_cost_over_step_time() -> None:
+    t, copier = Trainer(), HostCopy(budget=0.02)
+    copier.step_s = 0.5
+    first = copier.take(t, dict(META), wait=True)
+    assert first.meta["fresh"] and copier.cost_s == 0 and copier.every == 1  # new buffers: page faults, not counted
+    copier.take(t, dict(META), wait=True)  # the second slot, new too
+    timed = copier.take(t, dict(META), wait=True)
+    assert timed.meta["timed"] and copier.cost_s == timed.meta["trainer_s"] > 0  # made on the trainer's thread
+    assert not copier.take(t, dict(META), wait=True).meta["timed"]  # the next ones in the background, until
+    timed.meta.update(trainer_s=0.03)  # the next sample, here one that costs 30 ms a copy
+    copier.cost_s = 0
+    copier._account(timed, wait_s=0.0)
+    assert copier.every == math.ceil(0.03 / (0.02 * 0.5))
+    timed.meta.update(timed=False, on_gpu=True, trainer_s=0.001)
+    copier.cost_s = 0
+    copier._account(timed, wait_s=0.002)  # a GPU copy: the trainer thread's share and its wait at the next step
+    assert copier.every == 1 and copier.cost_s == 0.003
+
+
+def test_the_checkpoint_from_a_copy_restores_the_exact_state_random_states_and_gradients() -> None:
+    t, copier = Trainer(), HostCopy()
+    t.batch()
+    t.step()
+    t.batch()  # accumulated, not stepped yet: a copy between steps carries the gradients
+    snap = copier.take(t, dict(META), wait=True, grads=True)
+    expected, grads, draws = t.state(), {n: p.grad.clone() for n, p in t.model.named_parameters()}, torch.rand(3)
+    buffer = io.BytesIO()
+    torch.save(checkpoint(snap, copy.deepcopy(t.ema.ema), None), buffer)
+    ckpt = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert ckpt["epoch"] == 0 and ckpt["train_metrics"][RESUME_KEY] == {"done": 2}
+    assert equal(ckpt["ema"].state_dict(), expected["ema"])  # what Ultralytics' own resume loads...
+    state = read_state(ckpt)
+    assert state is ckpt["train_metrics"][STATE_KEY] and state["model"]["0.weight"].dtype == torch.float32  # ...and the exact
+    fresh = Trainer()
+    restore_training_state(fresh, state)
+    assert restore_pending(fresh, state) == []
+    assert equal(fresh.state(), expected) and fresh.ema.updates == 1 and state["last_opt_ni"] == 7
+    assert equal({n: p.grad for n, p in fresh.model.named_parameters()}, grads)
+    assert torch.equal(torch.rand(3), draws)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_trainer_that_cannot_run_resumes_from_the_writer_thread_s_newest_copy(
+    tmp_path: Path, data_yaml: Path, base_env: dict[str, str]
+) -> None:
+    """Main thread blocked at epoch 2 batch 3 with no signal: the writer still saves the copy of batch 2; SIGKILL."""
+    job = Job(tmp_path, data_yaml, base_env)
+    shim = tmp_path / "shim.py"
+    shim.write_text(EXACT_SHIM)
+    trained = {"TRAINED_LOG": str(tmp_path / "trained.jsonl")}
+    flags = ("--save-every-s", "0.05", "--copy-budget", "inf")
+    proc = job.start(1, script=shim, flags=flags, extra_args=EXACT_ARGS, BLOCK_AT="2:3", **trained)
+    log = Path(job.logs[-1])
+    wait_until(lambda: "periodic checkpoint at epoch 2 batch 2/4" in log.read_text(errors="replace"), 120,
+               "the writer's checkpoint of the last step before the block")  # fmt: skip
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    rc, log2 = job.finish(job.start(2, resume_from=job.last, script=shim, extra_args=EXACT_ARGS, **trained))
+    assert rc == 0, log2
+    assert "epoch 2 resumes at batch 3/4 in the interrupted run's order" in log2
+    batches, per_epoch = trained_per_epoch(tmp_path / "trained.jsonl")
+    images = sorted(p.name for p in (data_yaml.parent / "images" / "train").iterdir())
+    assert batches == 8 and {e: sorted(n) for e, n in per_epoch.items()} == {0: images, 1: images}

@@ -1,0 +1,137 @@
+"""The writer thread in a real process whose main thread is stuck in a blocking call.
+
+The child trains a small model a few steps with a host copy at every step,
+then either blocks its main thread in `time.sleep` (a C call that releases
+the GIL, as a call into a GPU that is gone does: the Python signal handler
+never gets to act) or answers the checkpoint signal at its next "batch end".
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import wait_until
+from gpuguard.integrations.exact import read_state
+
+EX_TEMPFAIL = 75
+
+CHILD = """
+import copy, logging, os, signal, sys, time
+from pathlib import Path
+import torch
+from gpuguard.integrations.hostcopy import HostCopy
+from gpuguard.integrations.rescue import Progress, Rescuer, exit_now
+
+out, mode = Path(sys.argv[1]), sys.argv[2]
+logging.basicConfig(level=logging.INFO)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+class Trainer:
+    device, train_loader = torch.device("cpu"), None
+    def __init__(self):
+        self.model, self.optimizer = model, torch.optim.AdamW(model.parameters(), lr=0.01)
+        self.ema = type("Ema", (), {"ema": copy.deepcopy(model), "updates": 0})()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=False)
+trainer, copier, progress, requested = Trainer(), HostCopy(budget=float("inf")), Progress(), []
+signal.signal(signal.SIGUSR1, lambda *_: requested.append(1))
+rescuer = Rescuer(copier, checkpoint_signal=signal.SIGUSR1, target=out / "last.pt",
+                  checkpoint_file=out / "checkpoint-path", save_every_s=float(sys.argv[3]), progress=progress,
+                  skeleton=copy.deepcopy(trainer.ema.ema), results=lambda: None)
+rescuer.start()
+meta = {"epoch": 1, "last_opt_ni": 0, "metrics": {}, "best_fitness": None, "stopper": {}, "train_args": {}, "version": "test"}
+def step(n):
+    trainer.model(torch.randn(4, 3, 8, 8)).square().mean().backward()
+    copier.before_step()
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad()
+    trainer.ema.updates += 1
+    copier.after_step(trainer, lambda: {**meta, "position": {"done": n, "batches": 9}})
+    progress.mark()
+for n in range(1, 4):
+    step(n)
+torch.save({"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict()}, out / "at-step-3.pt")
+(out / "ready").touch()
+if mode == "stuck":
+    trainer.model(torch.randn(4, 3, 8, 8))  # the next batch's forward: BatchNorm statistics move on
+    while True:
+        time.sleep(3600)
+while not requested:  # an answering trainer: busy with its batch until the handler has run
+    time.sleep(0.01)
+step(4)
+torch.save({"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict()}, out / "at-step-4.pt")
+snap = copier.take(trainer, {**meta, "position": {"done": 4, "batches": 9}}, wait=True)
+rescuer.hand_over(snap)
+exit_now(75)
+"""
+
+
+def start(tmp_path: Path, mode: str, save_every_s: float = 0) -> subprocess.Popen[str]:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    log = (tmp_path / "child.log").open("w")
+    return subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), mode, str(save_every_s)], stdout=log, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def ready(tmp_path: Path, proc: subprocess.Popen[str]) -> None:
+    wait_until(lambda: (tmp_path / "ready").exists() or proc.poll() is not None, 60, "the child's third step")
+    assert proc.poll() is None, (tmp_path / "child.log").read_text()
+
+
+def exact_matches(checkpoint: Path, expected: Path) -> bool:
+    import torch
+
+    state = read_state(torch.load(checkpoint, map_location="cpu", weights_only=False))
+    want = torch.load(expected, map_location="cpu", weights_only=False)
+    return (
+        state is not None and _equal(state["model"], want["model"])
+        and _equal(state["optimizer"]["state"], want["optimizer"]["state"])
+    )  # fmt: skip
+
+
+def _equal(a: Any, b: Any) -> bool:
+    import torch
+
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+@pytest.mark.slow
+def test_a_stuck_main_thread_is_rescued_with_the_copy_of_its_last_step(tmp_path: Path) -> None:
+    proc = start(tmp_path, "stuck")
+    ready(tmp_path, proc)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=60) == EX_TEMPFAIL
+    log = (tmp_path / "child.log").read_text()
+    assert "main thread stuck" in log and "checkpoint at epoch 2 batch 3/9 from the host copy" in log, log
+    assert exact_matches(tmp_path / "last.pt", tmp_path / "at-step-3.pt")  # not the moved-on live statistics
+    assert Path((tmp_path / "checkpoint-path").read_text().strip()) == (tmp_path / "last.pt").resolve()
+
+
+@pytest.mark.slow
+def test_an_answering_trainer_hands_its_own_fresh_copy_to_the_writer(tmp_path: Path) -> None:
+    proc = start(tmp_path, "answer")
+    ready(tmp_path, proc)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=60) == EX_TEMPFAIL
+    assert "stuck" not in (tmp_path / "child.log").read_text()
+    assert exact_matches(tmp_path / "last.pt", tmp_path / "at-step-4.pt")
+
+
+@pytest.mark.slow
+def test_periodic_checkpoints_are_written_while_the_main_thread_is_stuck(tmp_path: Path) -> None:
+    """No signal at all (the SIGKILL/SIGSTOP domain): what is on disk is what counts."""
+    proc = start(tmp_path, "stuck", save_every_s=0.05)
+    ready(tmp_path, proc)
+    wait_until(lambda: "periodic checkpoint at epoch 2 batch 3/9" in (tmp_path / "child.log").read_text(), 60, "the periodic save")
+    proc.kill()
+    proc.wait(timeout=30)
+    assert exact_matches(tmp_path / "last.pt", tmp_path / "at-step-3.pt")
