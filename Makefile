@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 # The loopback cluster (lab/): Slurm n1 and n2, SeaweedFS, a gpuguardd per node; runs as root.
 test-cluster: $(STAMP) cluster-packages
-	$(PY) -m pytest -q -m cluster tests/cluster
+	$(PY) -m pytest -q -m cluster
 
 demo-cluster: $(STAMP) cluster-packages
 	$(PY) -m lab.demo_cluster
