@@ -144,6 +144,9 @@ class Node:
     def wake(self) -> None:
         self.wakes += 1
 
+    def release(self) -> None:
+        """At teardown, before the processes are ended: let go of anything a test holds shut."""
+
     def ports(self) -> Ports:
         return Ports(
             pool=self.pool,

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from gpuguard.events import EventKind
 from gpuguard.health.types import Action, GpuState
-from gpuguard.supervisor import runner as runner_mod
-from gpuguard.supervisor import supervisor as supervisor_mod
 from gpuguard.supervisor.handoff import REASON_MAX, Leave, batch_job, must_leave, one_line
 from gpuguard.supervisor.job import Job
 from gpuguard.supervisor.jobspec import JobError
@@ -29,7 +26,7 @@ from gpuguard.supervisor.ports import BatchJob, CommandResult, Facts, GpuFacts, 
 from gpuguard.supervisor.states import JobEvent, JobState
 from gpuguard.supervisor.supervisor import Supervisor
 
-from .fakes import GPU0, GPU1, MoveLog, Node, SpyLog, faulted, gpu, kill_started, two_gpus, wait_for
+from .fakes import GPU0, GPU1, MoveLog, Node, faulted, gpu, two_gpus, wait_for
 
 S, E = JobState, JobEvent
 SLURM_ENV = {"SLURM_JOB_ID": "123", "SLURMD_NODENAME": "n1"}
@@ -166,6 +163,11 @@ class SlurmNode(Node):
     def ports(self) -> Ports:
         return replace(super().ports(), scheduler=self.scheduler, storage=self.storage)
 
+    def release(self) -> None:
+        for gate in (self.scheduler.gate, self.storage.gate):
+            if gate is not None:
+                gate.set()
+
     def trainer(self, sup: Supervisor, name: str = "j", env: dict[str, str] | None = None, **req: Any) -> Job:
         """A checkpointing trainer in a Slurm job (unless `env` says otherwise), its handler ready."""
         job = self.submit(sup, name, TRAINER, env=SLURM_ENV if env is None else env, checkpoint="ckpt.pt", **req)
@@ -176,33 +178,8 @@ class SlurmNode(Node):
 
 
 @pytest.fixture
-def moves(monkeypatch: pytest.MonkeyPatch) -> MoveLog:
-    log = MoveLog()
-    monkeypatch.setattr(runner_mod, "transition", log)
-    return log
-
-
-@pytest.fixture
-def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moves: MoveLog) -> Iterator[SlurmNode]:
-    """A fake node; at teardown no process is left, no move was illegal, no tick failed."""
-    monkeypatch.setattr(supervisor_mod, "become_subreaper", lambda: False)
-    spy = SpyLog(supervisor_mod.log)
-    monkeypatch.setattr(supervisor_mod, "log", spy)
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    n = SlurmNode(tmp_path)
-    yield n
-    for gate in (n.scheduler.gate, n.storage.gate):
-        if gate is not None:
-            gate.set()
-    kill_started(me, before)
-    for sup in n.supervisors:
-        for job in list(sup.jobs.values()):
-            if job.rt.stopping is not None:
-                job.rt.stopping.join(5)
-        sup.close()
-    assert moves.illegal == [], f"illegal state moves: {moves.illegal}"
-    assert spy.exceptions == [], "tick swallowed an exception:\n" + "\n".join(spy.exceptions)
+def node(tmp_path: Path, watched: Callable[[SlurmNode], SlurmNode]) -> SlurmNode:
+    return watched(SlurmNode(tmp_path))
 
 
 def xid79(facts: Facts) -> dict[str, GpuFacts]:

@@ -11,7 +11,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,15 +22,13 @@ import pytest
 from gpuguard import contract
 from gpuguard import job as client
 from gpuguard.events import EventKind
-from gpuguard.supervisor import runner as runner_mod
-from gpuguard.supervisor import supervisor as supervisor_mod
 from gpuguard.supervisor.job import Job
 from gpuguard.supervisor.process import JobProcess
 from gpuguard.supervisor.standby import remove, write_handover
 from gpuguard.supervisor.states import JobState
 from gpuguard.supervisor.supervisor import Supervisor
 
-from .fakes import FAST, GPU0, GPU1, MoveLog, Node, SpyLog, faulted, gone, kill_started, wait_for
+from .fakes import FAST, GPU0, GPU1, Node, faulted, gone, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -39,22 +37,8 @@ QUICK = replace(FAST, standby_delay_s=0.0)  # a standby as soon as the attempt s
 
 
 @pytest.fixture
-def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
-    """A fake node; at teardown no process is left and no move was illegal."""
-    moves = MoveLog()
-    monkeypatch.setattr(runner_mod, "transition", moves)
-    monkeypatch.setattr(supervisor_mod, "become_subreaper", lambda: False)
-    spy = SpyLog(supervisor_mod.log)
-    monkeypatch.setattr(supervisor_mod, "log", spy)
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    n = Node(tmp_path, settings=QUICK)
-    yield n
-    kill_started(me, before)
-    for sup in n.supervisors:
-        sup.close()
-    assert moves.illegal == [], f"illegal state moves: {moves.illegal}"
-    assert spy.exceptions == [], "tick swallowed an exception:\n" + "\n".join(spy.exceptions)
+def node(tmp_path: Path, watched: Callable[[Node], Node]) -> Node:
+    return watched(Node(tmp_path, settings=QUICK))
 
 
 def submit(node: Node, sup: Supervisor, name: str = "j", *, standby: bool = True) -> Job:

@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,12 +23,11 @@ import pytest
 from gpuguard.events import EventKind
 from gpuguard.health.types import Action
 from gpuguard.supervisor import runner as runner_mod
-from gpuguard.supervisor import supervisor as supervisor_mod
 from gpuguard.supervisor.job import Job
 from gpuguard.supervisor.jobspec import JobError
 from gpuguard.supervisor.states import FINAL, JobEvent, JobState
 
-from .fakes import GPU0, GPU1, MoveLog, Node, SpyLog, faulted, gone, kill_started, tree_of, two_gpus, wait_for
+from .fakes import GPU0, GPU1, MoveLog, Node, faulted, gone, tree_of, two_gpus, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -37,31 +36,8 @@ SLEEP = "import time; time.sleep(30)"
 
 
 @pytest.fixture
-def moves(monkeypatch: pytest.MonkeyPatch) -> MoveLog:
-    log = MoveLog()
-    monkeypatch.setattr(runner_mod, "transition", log)
-    return log
-
-
-@pytest.fixture
-def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moves: MoveLog) -> Iterator[Node]:
-    """A fake node; at teardown no process is left and no move was illegal."""
-    # a subreaper flag would outlive the test in the pytest process; these jobs leave no orphans
-    monkeypatch.setattr(supervisor_mod, "become_subreaper", lambda: False)
-    spy = SpyLog(supervisor_mod.log)
-    monkeypatch.setattr(supervisor_mod, "log", spy)
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    n = Node(tmp_path)
-    yield n
-    kill_started(me, before)
-    for sup in n.supervisors:
-        for job in list(sup.jobs.values()):
-            if job.rt.stopping is not None:
-                job.rt.stopping.join(5)
-        sup.close()
-    assert moves.illegal == [], f"illegal state moves: {moves.illegal}"
-    assert spy.exceptions == [], "tick swallowed an exception:\n" + "\n".join(spy.exceptions)
+def node(tmp_path: Path, watched: Callable[[Node], Node]) -> Node:
+    return watched(Node(tmp_path))
 
 
 def test_submit_starts_the_job_on_gpu0(node: Node) -> None:
