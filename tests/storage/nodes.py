@@ -1,5 +1,5 @@
 """Helpers for the storage end-to-end tests (imported as `from tests.storage.nodes import ...`):
-gpuguardd "nodes" sharing one store, the writer job, and the events as gpuguardctl shows them."""
+gpuguardd "nodes" sharing one store and the writer job."""
 
 from __future__ import annotations
 
@@ -38,15 +38,6 @@ def run_writer(d: DaemonProc, job: str, workdir: Path, step: int) -> None:
     d.ctl("run", "--no-env", "--name", job, "--workdir", str(workdir), "--checkpoint", "ck.pt", "--", sys.executable, str(WRITER), str(step))
 
 
-def events(d: DaemonProc, job: str | None = None) -> list[dict[str, Any]]:
-    args = ["events", "--json", "--limit", "1000", *(["--job", job] if job else [])]
-    return list(json.loads(d.ctl(*args).stdout))
-
-
-def kinds(d: DaemonProc, job: str | None = None) -> list[str]:
-    return [e["kind"] for e in events(d, job)]
-
-
 def attempts(workdir: Path) -> list[dict[str, Any]]:
     path = workdir / "attempts.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -75,14 +66,14 @@ def second_node_resumes(tmp: Path, url: str) -> None:
     try:
         a.start()
         run_writer(a, "train", tmp / "wa", 7)
-        wait_until(lambda: "snapshot_uploaded" in kinds(a, "train"), 60.0, "node a's snapshot stored")
+        wait_until(lambda: "snapshot_uploaded" in a.kinds("train"), 60.0, "node a's snapshot stored")
         stop_all(a)
         b.start()
         run_writer(b, "train", tmp / "wb", 0)
         (first,) = wait_until(lambda: attempts(tmp / "wb"), 60.0, "node b's job started")
         assert first["resumed_step"] == 7
         assert first["resume_from"].startswith(str(b.state_dir / "snapshots" / "train"))
-        assert "snapshot_fetched" in kinds(b, "train")
+        assert "snapshot_fetched" in b.kinds("train")
         assert [s["where"] for s in snapshots(b, "train")] == ["both"]
     finally:
         stop_all(a, b)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from harness import wait_until
-from tests.storage.nodes import kinds, node, run_writer, second_node_resumes, snapshots, start_refused, stop_all
+from tests.storage.nodes import node, run_writer, second_node_resumes, snapshots, start_refused, stop_all
 
 pytestmark = pytest.mark.e2e
 
@@ -39,13 +39,13 @@ def test_a_store_gone_at_run_time_gives_events_never_a_crash(tmp_path: Path) -> 
         a.start()
         shared.rename(tmp_path / "away")  # the mount is gone
         run_writer(a, "train", tmp_path / "wa", 3)
-        wait_until(lambda: "storage_unavailable" in kinds(a), 30.0, "the outage reported")
-        assert "snapshot_saved" in kinds(a, "train")  # local snapshots go on
+        wait_until(lambda: "storage_unavailable" in a.kinds(), 30.0, "the outage reported")
+        assert "snapshot_saved" in a.kinds("train")  # local snapshots go on
         assert a.status()["daemon"]["storage"]["available"] is False
         assert [s["where"] for s in snapshots(a, "train")] == ["local"]
         (tmp_path / "away").rename(shared)
-        wait_until(lambda: "snapshot_uploaded" in kinds(a, "train"), 30.0, "the upload once it is back")
-        assert "storage_recovered" in kinds(a)
+        wait_until(lambda: "snapshot_uploaded" in a.kinds("train"), 30.0, "the upload once it is back")
+        assert "storage_recovered" in a.kinds()
         assert [s["where"] for s in snapshots(a, "train")] == ["both"]
         assert a.proc is not None and a.proc.poll() is None
         assert a.status()["jobs"][0]["state"] == "running"

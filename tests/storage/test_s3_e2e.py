@@ -16,7 +16,7 @@ from gpuguard.storage.url import parse_url
 from harness import wait_until
 from lab.s3 import SeaweedS3
 from tests.storage.fakes import Events, snap_id, snapshot_file
-from tests.storage.nodes import events, kinds, node, run_writer, second_node_resumes, start_refused, stop_all
+from tests.storage.nodes import node, run_writer, second_node_resumes, start_refused, stop_all
 
 pytestmark = pytest.mark.e2e
 
@@ -107,13 +107,13 @@ def test_an_outage_at_run_time_gives_events_and_no_secret_anywhere(seaweed: Seaw
         a.start()
         seaweed.kill()
         run_writer(a, "train", tmp_path / "wa", 5)
-        wait_until(lambda: "storage_unavailable" in kinds(a), 60.0, "the outage reported")
-        assert "snapshot_saved" in kinds(a, "train")
+        wait_until(lambda: "storage_unavailable" in a.kinds(), 60.0, "the outage reported")
+        assert "snapshot_saved" in a.kinds("train")
         assert a.status()["jobs"][0]["state"] == "running"
         seaweed.restart()
-        wait_until(lambda: "snapshot_uploaded" in kinds(a, "train"), 120.0, "the upload once the server is back")
-        assert "storage_recovered" in kinds(a)
-        shown = [str(events(a)), a.ctl("status", "--json").stdout, a.ctl("snapshots", "train", "--json").stdout]
+        wait_until(lambda: "snapshot_uploaded" in a.kinds("train"), 120.0, "the upload once the server is back")
+        assert "storage_recovered" in a.kinds()
+        shown = [str(a.events()), a.ctl("status", "--json").stdout, a.ctl("snapshots", "train", "--json").stdout]
     finally:
         stop_all(a)
     shown.append(a.log.read_text())
