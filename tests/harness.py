@@ -152,8 +152,9 @@ class DaemonProc:
     def gpu(self, index: int) -> dict[str, Any]:
         return next(g for g in self.status()["gpus"] if g["index"] == index)
 
-    def wait_for(self, predicate: Callable[[dict[str, Any]], Any], timeout_s: float = 5.0, what: str = "condition") -> float:
-        """Poll status until predicate(status) holds; returns the seconds it took."""
+    def wait_for(self, predicate: Callable[[dict[str, Any]], Any], timeout_s: float = 20.0, what: str = "condition") -> float:
+        """Poll status until predicate(status) holds; returns the seconds it took. The default bound
+        is for a loaded 2-core machine (the flake budget): a passing wait costs only its own time."""
         def last() -> str:
             # the jobs whole and each GPU in one line: what a wait is usually about
             status = self.status()
