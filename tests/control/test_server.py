@@ -145,16 +145,18 @@ def test_a_half_closed_request_is_dropped_quietly(tmp_path: Path) -> None:
 
 
 def test_a_stalled_client_never_blocks_others_and_is_dropped(tmp_path: Path) -> None:
-    with serving(tmp_path, request_timeout_s=1.5) as (_, path):
+    request_timeout_s = 5.0  # the margin between the answers and the drop is for a loaded machine
+    with serving(tmp_path, request_timeout_s=request_timeout_s) as (_, path):
         with connect(path) as silent, connect(path) as trickle:
             trickle.sendall(b'{"v": 1,')
             started = time.monotonic()
             for _ in range(5):
-                assert request(path, "check", {}, timeout_s=2.0)["status"] == "healthy"
-            assert time.monotonic() - started < 1.0  # well before the stalled ones are dropped
+                assert request(path, "check", {}, timeout_s=request_timeout_s)["status"] == "healthy"
+            answered = time.monotonic() - started
+            assert answered < request_timeout_s / 2, answered  # well before the stalled ones are dropped
             assert silent.recv(10) == b""  # dropped at its deadline, without a reply
             assert trickle.recv(10) == b""
-            assert time.monotonic() - started < 4.0
+            assert time.monotonic() - started < request_timeout_s * 3
 
 
 class BarrierController(FakeController):

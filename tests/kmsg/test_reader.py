@@ -94,11 +94,11 @@ def test_appended_line_comes_back_quickly(log_path: Path, sources: list[KernelLo
 
     thread = threading.Thread(target=writer)
     thread.start()
-    found = source.read(2.0)
+    found = source.read(30.0)
     returned = time.monotonic()
     thread.join()
     assert xids(found) == [(79, False)]
-    assert returned - written[0] < 0.5
+    assert returned - written[0] < 15.0  # woken by the line, not by its 30 s timeout
 
 
 def test_read_blocks_at_most_its_timeout(log_path: Path, sources: list[KernelLogSource]) -> None:
@@ -106,7 +106,7 @@ def test_read_blocks_at_most_its_timeout(log_path: Path, sources: list[KernelLog
     source = open_source(log_path, sources)
     started = time.monotonic()
     assert source.read(0.1) == []
-    assert 0.09 <= time.monotonic() - started < 0.5
+    assert 0.09 <= time.monotonic() - started < 2.0  # bounded; the margin is for a loaded machine
 
 
 def test_partial_line_waits_for_its_newline(log_path: Path, sources: list[KernelLogSource]) -> None:
@@ -174,7 +174,7 @@ def test_fifo_is_followed_without_blocking(tmp_path: Path, sources: list[KernelL
     source = open_source(fifo, sources)
     started = time.monotonic()
     assert source.read(0.05) == []  # no writer yet: returns, does not block
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 2.0
     for seq in (1, 2):
         with open(fifo, "w") as writer:
             writer.write(XID79.format(seq=seq)[:30])
@@ -185,7 +185,7 @@ def test_fifo_is_followed_without_blocking(tmp_path: Path, sources: list[KernelL
             assert xids(read_until(source, 1)) == [(79, False)]
         started = time.monotonic()
         assert source.read(0.05) == []  # writer gone: no spin, no error
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 2.0
 
 
 def test_character_device_that_ends_does_not_spin(sources: list[KernelLogSource]) -> None:
@@ -227,8 +227,8 @@ def test_kmsg_records_before_the_first_eagain_are_history(kmsg_pair: tuple[socke
         assert device.poll(0.02) == []
         threading.Timer(0.05, kernel.send, args=(XID13.format(seq=3).encode(),)).start()
         started = time.monotonic()
-        assert device.poll(2.0) == [(XID13.format(seq=3).rstrip("\n"), False)]
-        assert time.monotonic() - started < 0.5
+        assert device.poll(30.0) == [(XID13.format(seq=3).rstrip("\n"), False)]
+        assert time.monotonic() - started < 15.0  # woken by the line, not by its 30 s timeout
     finally:
         device.close()
 

@@ -19,7 +19,8 @@ from gpuguard.nvml.types import FindingKind, GpuInfo, NvmlFinding
 from .fake_pynvml import FakeNvml, make_gpus
 
 TIMEOUT_S = 0.2
-MARGIN_S = 0.25
+MARGIN_S = 2.0  # a deadline kept on a loaded 2-core machine
+LONG_S = 10.0  # a call that answers well within this did not wait for its deadline
 PROCESS_FNS = (
     "nvmlDeviceGetComputeRunningProcesses_v3",
     "nvmlDeviceGetComputeRunningProcesses_v2",
@@ -171,8 +172,8 @@ def test_a_hang_hits_the_deadline_and_names_the_call(fake: FakeNvml, door: NvmlD
 
     start = time.monotonic()
     with pytest.raises(DeadlineExceeded, match="still blocked"):  # a stuck lane answers at once
-        door.on_lane(1, "poll", partial(temperature, gpus[1]), TIMEOUT_S)
-    assert time.monotonic() - start < MARGIN_S
+        door.on_lane(1, "poll", partial(temperature, gpus[1]), LONG_S)
+    assert time.monotonic() - start < LONG_S / 2
 
     release.set()
     deadline = time.monotonic() + 2.0

@@ -26,7 +26,8 @@ from gpuguard.control.limits import Limits
 
 IDLE = 1000
 FLOOD_S = 3.0
-REQUEST_TIMEOUT_S = 2.0  # how long an idle connection may keep its slot
+REQUEST_TIMEOUT_S = 6.0  # how long an idle connection may keep its slot
+ANSWER_S = REQUEST_TIMEOUT_S / 2  # a check answered within this did not wait for an idle slot to be dropped
 STRANGER = 4242  # a third uid, with no passwd entry
 
 HOLDER = """
@@ -157,7 +158,7 @@ def test_check_answers_while_another_uid_holds_and_churns_connections(
             for who, results in (("root", as_root), (f"uid {STRANGER}", as_stranger)):
                 assert len(results) >= 5, (who, results)
                 assert [s for s, _ in results] == ["healthy"] * len(results), (who, results)
-                assert max(t for _, t in results) < 1.0, (who, results)
+                assert max(t for _, t in results) < ANSWER_S, (who, results)
 
             # idle connections do not pin their slots: past the deadline nobody may ask again,
             # though the holder still has every socket open

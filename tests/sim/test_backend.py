@@ -138,14 +138,14 @@ def test_events_follow_what_real_drivers_deliver(backend: SimulatedBackend) -> N
 def test_wait_events_times_out_and_wakes_on_an_event(backend: SimulatedBackend) -> None:
     start = time.monotonic()
     assert backend.wait_events(0.1) == []
-    assert 0.09 <= time.monotonic() - start < 0.5
+    assert 0.09 <= time.monotonic() - start < 2.0  # bounded; the margin is for a loaded machine
     timer = threading.Timer(0.05, backend.inject, (1, "xid", "31"))
     timer.start()
     start = time.monotonic()
-    events = backend.wait_events(5.0)
+    events = backend.wait_events(30.0)
     timer.join()
     assert [e.data for e in events] == [31]
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 15.0  # woken by the event, not by its 30 s timeout
 
 
 def test_inject_from_another_thread_while_polling(backend: SimulatedBackend) -> None:
