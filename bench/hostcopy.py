@@ -8,8 +8,9 @@ batch 8, nbs 8: one optimizer step per batch, 8 an epoch), per model size
   STUCK_BATCH of epoch 2 starts, sends the process the checkpoint signal and
   then blocks its main thread in `time.sleep` (a C call that releases the
   GIL, as a call into a GPU that is gone does); the rescue thread writes the
-  newest host copy and exits 75. Lost = batches that ended after the host
-  copy's position (a resume trains them again). The same with the trainer
+  state of the last optimizer step (copied from the live tensors, or the
+  newest host copy) and exits 75. Lost = batches that ended after the
+  position written (a resume trains them again). The same with the trainer
   answering (the signal, and the main thread goes on). With the default
   copy budget and with a copy at every step (`--copy-budget inf`).
 - the copy's cost, in one process: epochs alternate between a host copy at
@@ -120,14 +121,16 @@ def intervals(times: list, epochs: set[int] | None = None) -> list[float]:
     return [t1 - t0 for (e0, t0), (e1, t1) in zip(times, times[1:]) if e0 == e1 and (e0 in epochs if epochs else e0 >= 1)]
 
 
-def lost_work(tmp: Path, data: Path, model: str, hook: str, flags: tuple[str, ...]) -> int:
+def lost_work(tmp: Path, data: Path, model: str, hook: str, flags: tuple[str, ...]) -> str:
+    """Batches trained again after the resume, and (stuck) where the rescue's state came from."""
     env = {"HOOK": hook, "HOOK_EPOCH": str(STUCK_EPOCH), "HOOK_BATCH": str(STUCK_BATCH)}
     rc, log, _ = child(tmp, data, model, f"{model}-{hook}-{len(flags)}", flags, **env)
-    found = re.findall(rf"checkpoint at epoch {STUCK_EPOCH}(?:/\d+)? batch (\d+)/\d+", log)
+    found = re.findall(rf"checkpoint at epoch {STUCK_EPOCH}(?:/\d+)? batch (\d+)/\d+(?: from the (live state|host copy))?", log)
     if rc != 75 or not found:
         raise SystemExit(f"{model} {hook} {flags}: exit {rc}, no checkpoint\n{log[-3000:]}")
     ended = STUCK_BATCH if hook == "answer" else STUCK_BATCH - 1  # batches of the epoch that reached their end
-    return ended - int(found[-1])
+    done, source = found[-1]
+    return f"{ended - int(done)}" + (f" ({source})" if source else "")
 
 
 def spread(values: list[float], fmt: str, scale: float = 1.0) -> str:
@@ -138,14 +141,17 @@ def spread(values: list[float], fmt: str, scale: float = 1.0) -> str:
 
 def measure(tmp: Path, data: Path, model: str, rounds: int) -> dict:
     steps: dict[str, list[float]] = {s: [] for s in SETUPS}
-    budget: list[tuple[str, str, str]] = []
+    budget: list[tuple[str, str, str, str]] = []
     for n in range(rounds):  # interleaved, so a busy spell of the machine hits both
         for i, (setup, flags) in enumerate(SETUPS.items()):
             rc, log, times = child(tmp, data, model, f"{model}-{n}-{i}", flags)
             if rc != 0:
                 raise SystemExit(f"{model} {setup}: exit {rc}\n{log[-3000:]}")
             steps[setup].append(statistics.median(intervals(times)))
-            budget += re.findall(r"host copy: every (\d+) optimizer step\(s\), ([\d.]+) ms a copy, ([\d.]+) ms a step", log)[-1:]
+            budget += re.findall(
+                r"host copy: every (\d+) optimizer step\(s\), ([\d.]+) ms a copy, ([\d.]+) ms a step \(budget [^)]*\), "
+                r"([\d.]+) ms a mark", log,
+            )[-1:]  # fmt: skip
             print(f"{model} round {n + 1} {setup}: median step {steps[setup][-1] * 1e3:.0f} ms", file=sys.stderr, flush=True)
     rc, log, _ = child(tmp, data, model, f"{model}-writes", ("--save-every-s", "0.5"))
     writes = [float(w) for w in re.findall(r"written in ([\d.]+)s", log)]
@@ -175,13 +181,15 @@ def table(results: dict[str, dict]) -> str:
         lambda r: f"{statistics.median(r['on']) * 1e3:.0f} / {statistics.median(r['off']) * 1e3:.0f} "
                   f"({_ratio(r['on'], r['off']):+.1f} %)")  # fmt: skip
     row("default budget (2 %): a copy every ... steps (its measured copy / step, ms)",
-        lambda r: ", ".join(f"{e} ({c} / {s})" for e, c, s in r["budget"]) or "—")
+        lambda r: ", ".join(f"{e} ({c} / {s})" for e, c, s, _ in r["budget"]) or "—")
+    row("a mark at every step between copies, on the trainer's thread (ms)",
+        lambda r: ", ".join(m for *_, m in r["budget"]) or "—")
     row("periodic checkpoint, written by the writer thread (s)", lambda r: spread(r["writes"], ".2f"))
     row(f"default save interval from that ({SAVE_SHARE:.0%} writing, {SAVE_MIN_S:g}..{SAVE_MAX_S:g} s)",
         lambda r: f"{min(SAVE_MAX_S, max(SAVE_MIN_S, statistics.median(r['writes']) / SAVE_SHARE)):.0f} s"
         if r["writes"] else "—")  # fmt: skip
     for what in ("stuck, default budget", "stuck, copy every step", "answering"):
-        row(f"lost work, {what} (batches)", lambda r, w=what: str(r["lost"][w]))
+        row(f"lost work, {what} (batches; stuck: the rescue's source)", lambda r, w=what: r["lost"][w])
     return "\n".join(lines)
 
 

@@ -38,6 +38,7 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,9 +231,8 @@ class TrainerGuard:
             if clock.enforce and not clock.due(trainer):
                 return  # a resumed process's own cadence starts afresh: the interrupted run's counts
             clock.fix_warmup(trainer)
-            if hostcopy is not None:
-                hostcopy.before_step()
-            step()
+            with hostcopy.stepping() if hostcopy is not None else nullcontext():
+                step()
             clock.stepped(trainer)
             if replay is not None and trainer.train_loader is self._loader:
                 replay.stepped()
@@ -331,9 +331,10 @@ class TrainerGuard:
         copy = self._hostcopy
         if copy is not None and copy.copies:
             log.info(
-                "host copy: every %d optimizer step(s), %.1f ms a copy, %.1f ms a step (budget %g%%); "
-                "%d periodic checkpoint(s) written",
-                copy.every, copy.cost_s * 1e3, copy.step_s * 1e3, copy.budget * 100, self._rescuer.periodic,
+                "host copy: every %d optimizer step(s), %.1f ms a copy, %.1f ms a step (budget %g%%), "
+                "%.2f ms a mark between copies; %d periodic checkpoint(s) written",
+                copy.every, copy.cost_s * 1e3, copy.step_s * 1e3, copy.budget * 100, copy.mark_s * 1e3,
+                self._rescuer.periodic,
             )
 
     def _checkpoint_mid_epoch(self, trainer: Any) -> None:

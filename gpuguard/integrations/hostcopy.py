@@ -18,15 +18,28 @@ copy takes its time from the same cores as training (and, on a shared
 machine, from other processes: its own duration says little), so one copy
 in CALIBRATE_EVERY runs on the trainer's thread instead, and its duration
 is the cost: an upper bound on a dedicated machine.
+
+Between copies, every step leaves a mark (`Mark`): the small state of that
+step (random states, learning rates, scaler, position) and clones of the
+forward-written tensors, a few kilobytes. The big tensors (weights, EMA,
+optimizer state) change only inside a step, so while the trainer's thread
+is stuck outside one (in a forward or backward pass, a data fetch, a
+collective), they still hold the marked step's values: `live` copies them
+from there, holding the step lock so that a trainer that wakes cannot step
+under the copy. A trainer stuck inside a step, or a device that no longer
+answers the copy within its timeout (a GPU that fell off the bus), leaves
+the newest host copy as the rescue's state.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +49,8 @@ from gpuguard.integrations.exact import VERSION, pending_grads
 BUDGET = 0.02  # of step time
 SMOOTHING = 0.3  # weight of the newest measurement in the running averages
 CALIBRATE_EVERY = 10  # on the CPU, one copy in this many is made on the trainer's thread and timed
+
+log = logging.getLogger("gpuguard.yolo")
 
 
 @dataclass
@@ -70,6 +85,18 @@ class Snapshot:
         return {"state": state, "param_groups": self.meta["param_groups"]}
 
 
+@dataclass
+class Mark:
+    """One optimizer step's small state, for a copy of the live tensors while the trainer is stuck."""
+
+    trainer: Any
+    meta: dict[str, Any]  # as a Snapshot's, less optim_scalars (read at the copy: only a step changes them)
+    written: dict[str, Any]  # clones of the forward-written tensors (BatchNorm statistics) as the step left them
+    step: int  # as Snapshot.step
+    stepped: int  # HostCopy._stepped at the mark: a step since makes it stale
+    event: Any  # on a GPU: recorded after the step and the clones; the copy waits for it, not for later work
+
+
 class HostCopy:
     """The newest complete host copy of one trainer's state; see the module docstring."""
 
@@ -78,9 +105,13 @@ class HostCopy:
         self.every = 1  # take a copy every this many optimizer steps
         self.step_s = 0.0  # running average of the time between steps
         self.cost_s = 0.0  # running average of one copy's cost
+        self.mark_s = 0.0  # running average of one mark's cost (the trainer's thread, every step between copies)
         self.copies = 0
         self._since_sample = CALIBRATE_EVERY  # copies since the last cost sample: the first usable one is timed
         self._steps = 0
+        self._stepped = 0  # optimizer steps of any loader, counted under the step lock
+        self._step_lock = threading.Lock()  # held by the trainer's thread inside a step
+        self._mark: Mark | None = None
         self._last_step_at: float | None = None
         self._taken_at_step = -math.inf
         self._slots: list[Snapshot | None] = [None, None]
@@ -105,6 +136,15 @@ class HostCopy:
         self._inflight = None
         self._account(snap, wait_s=time.perf_counter() - started)
 
+    @contextmanager
+    def stepping(self) -> Iterator[None]:
+        """Around the optimizer step (and the EMA and scaler updates it makes): the live tensors change
+        only inside, and never under a copy `live` is making."""
+        self.before_step()
+        with self._step_lock:
+            yield
+            self._stepped += 1
+
     @property
     def steps(self) -> int:
         """Optimizer steps counted so far."""
@@ -121,8 +161,18 @@ class HostCopy:
             self.step_s = _average(self.step_s, now - self._last_step_at)
         self._last_step_at = now
         self._steps += 1
-        if allowed and self._steps - self._taken_at_step >= self.every:
-            self.take(trainer, meta(), wait=False)
+        self._mark = None
+        if not allowed:
+            return
+        if self._steps - self._taken_at_step >= self.every and self.take(trainer, meta(), wait=False) is not None:
+            return
+        started = time.perf_counter()
+        model = getattr(trainer.model, "module", trainer.model)
+        written = {f"model/{name}": buffer.clone() for name, buffer in model.named_buffers()}
+        self._mark = Mark(
+            trainer, {**meta(), **_small_state(trainer)}, written, self._steps, self._stepped, _record_event(trainer)
+        )  # fmt: skip
+        self.mark_s = _average(self.mark_s, time.perf_counter() - started)
 
     def take(self, trainer: Any, meta: dict[str, Any], wait: bool, grads: bool = False) -> Snapshot | None:
         """Start a copy of the state as it stands now; with `wait`, return only once it is complete.
@@ -138,9 +188,7 @@ class HostCopy:
                     return None
                 self._wake.wait()
         pairs, scalars = _sources(trainer, grads)
-        meta = {**meta, "optim_scalars": scalars, rng.KEY: rng.capture(trainer),
-                "param_groups": copy.deepcopy(trainer.optimizer.state_dict()["param_groups"]),
-                "updates": int(trainer.ema.updates), "scaler": trainer.scaler.state_dict()}  # fmt: skip
+        meta = {**meta, **_small_state(trainer), "optim_scalars": scalars}
         old = self._slots[free[0]]
         host = old.tensors if old is not None else {}
         copies, fresh = [], False
@@ -183,6 +231,25 @@ class HostCopy:
         with self._lock:
             self._held = self._latest
             return self._held
+
+    def live(self, timeout: float) -> Snapshot | None:
+        """For the rescue of a stuck trainer: its state as of its last step, copied from the live tensors.
+
+        None when no mark is newer than the newest copy, when the trainer's thread is inside a step (the
+        lock not free within `timeout`), or when the copy does not finish within `timeout`."""
+        mark = self._mark
+        if mark is None or not self._step_lock.acquire(timeout=timeout):
+            return None
+        try:
+            if mark.stepped != self._stepped:
+                return None
+            copied: list[Snapshot] = []
+            worker = threading.Thread(target=_copy_live, args=(mark, copied), name="gpuguard-live-copy", daemon=True)
+            worker.start()
+            worker.join(timeout)
+            return copied[0] if copied else None
+        finally:
+            self._step_lock.release()
 
     def release(self) -> None:
         with self._lock:
@@ -241,6 +308,45 @@ def _sources(trainer: Any, grads: bool) -> tuple[list[tuple[str, Any, bool]], di
             else:
                 scalars.setdefault(index, {})[name] = value
     return pairs, scalars
+
+
+def _small_state(trainer: Any) -> dict[str, Any]:
+    """What a step changes beside the big tensors: random states, learning rates, EMA count, scaler."""
+    return {
+        rng.KEY: rng.capture(trainer), "param_groups": copy.deepcopy(trainer.optimizer.state_dict()["param_groups"]),
+        "updates": int(trainer.ema.updates), "scaler": trainer.scaler.state_dict(),
+    }  # fmt: skip
+
+
+def _copy_live(mark: Mark, out: list[Snapshot]) -> None:
+    """The marked step's state onto the host: the live tensors, less the forward-written ones the mark kept."""
+    import torch
+
+    try:
+        pairs, scalars = _sources(mark.trainer, grads=False)
+        with torch.no_grad(), _side_stream(mark.event):  # on a GPU: not behind a stuck kernel queued since
+            tensors = {name: (mark.written[name] if written else src).detach().to("cpu", copy=True)
+                       for name, src, written in pairs}  # fmt: skip
+    except Exception:  # a device in trouble: the rescue falls back to the newest host copy
+        log.exception("copying the live training state failed")
+        return
+    snap = Snapshot(tensors, {**mark.meta, "optim_scalars": scalars, "live": True}, mark.step)
+    snap.complete.set()
+    out.append(snap)
+
+
+@contextmanager
+def _side_stream(event: Any) -> Iterator[None]:
+    if event is None:
+        yield
+        return
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_event(event)
+    with torch.cuda.stream(stream):
+        yield
+    stream.synchronize()
 
 
 def _host_like(src: Any) -> Any:

@@ -7,8 +7,10 @@ writer thread therefore learns of the checkpoint signal from the C level:
 number into a pipe, in whatever thread the signal lands. On the signal it
 waits for the trainer to answer (at its next batch end the trainer takes a
 fresh host copy and hands it over through the same pipe); if the trainer
-shows no progress (no callback) for `bound_s`, it writes the newest host copy
-itself, tells gpuguard and leaves with `os._exit(75)`: the stuck thread can
+shows no progress (no callback) for `bound_s`, it writes the state of the
+trainer's last optimizer step itself (copied from the live tensors when the
+trainer is stuck outside a step, hostcopy.py `live`; else the newest host
+copy), tells gpuguard and leaves with `os._exit(75)`: the stuck thread can
 be neither joined nor unwound.
 
 Every write goes through this one thread (or holds the same lock, for
@@ -193,8 +195,10 @@ class Rescuer:
         self._done.set()
 
     def _rescue(self, stalled: float) -> bool:
-        """The trainer is stuck: write the newest host copy and leave. False if there is none yet."""
-        snap = self.hostcopy.hold_latest(timeout=self.progress.bound_s())
+        """The trainer is stuck: write its last step's state and leave. False if there is none yet."""
+        snap = self.hostcopy.live(timeout=self.progress.bound_s()) or self.hostcopy.hold_latest(
+            timeout=self.progress.bound_s()
+        )
         if snap is None:
             return False
         locked = WRITE_LOCK.acquire(timeout=self.progress.bound_s())
@@ -204,7 +208,8 @@ class Rescuer:
             if snap.step > self.written_step:
                 self._write_snapshot(snap, tmp_suffix=RESCUE_SUFFIX)
                 pos = snap.meta["position"]
-                where = f"epoch {snap.meta['epoch'] + 1} batch {pos['done']}/{pos['batches']} from the host copy"
+                source = "the live state" if snap.meta.get("live") else "the host copy"
+                where = f"epoch {snap.meta['epoch'] + 1} batch {pos['done']}/{pos['batches']} from {source}"
             else:
                 where = "the last epoch end, saved by the trainer (newer than the host copy)"
         finally:

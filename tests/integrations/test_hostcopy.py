@@ -11,6 +11,7 @@ import copy
 import io
 import math
 import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,8 @@ def test_a_copy_taken_at_a_step_is_that_step_s_state_while_the_next_batch_runs()
     t, copier = Trainer(), HostCopy(budget=math.inf)
     for _ in range(3):  # warm: both slots in use
         t.batch()
-        copier.before_step()
-        t.step()
+        with copier.stepping():
+            t.step()
         copier.after_step(t, lambda: dict(META))
     at_step = t.state()
     t.batch()  # runs while the copier copies: BatchNorm statistics change, the copy keeps the step's
@@ -92,6 +93,44 @@ def test_a_copy_taken_at_a_step_is_that_step_s_state_while_the_next_batch_runs()
     assert equal(state["optimizer"]["state"], at_step["optimizer"]["state"]) and state["grads"] == {}
     assert not equal(state["model"], t.model.state_dict())  # the live running statistics moved on
     copier.release()
+
+
+def test_between_copies_the_live_state_of_the_last_step_is_copied_and_never_a_stale_or_torn_one() -> None:
+    t, copier = Trainer(), HostCopy(budget=0.02)
+    copier.every = 1_000_000  # no copies: every step leaves a mark
+    assert copier.live(timeout=1) is None  # nothing stepped yet
+    for _ in range(2):
+        t.batch()
+        with copier.stepping():
+            t.step()
+        copier.after_step(t, lambda: dict(META))
+    at_step, draws = t.state(), torch.rand(3)
+    t.batch()  # the stuck batch's forward moved the live BatchNorm statistics on
+    snap = copier.live(timeout=5)
+    assert snap is not None and snap.meta["live"] and snap.step == 2 and snap.complete.is_set()
+    state = snap.exact_state()
+    assert equal(state["model"], at_step["model"]) and equal(state["ema"], at_step["ema"])
+    assert equal(state["optimizer"]["state"], at_step["optimizer"]["state"]) and state["grads"] == {}
+    fresh = Trainer()
+    restore_training_state(fresh, state)
+    assert restore_pending(fresh, state) == [] and torch.equal(torch.rand(3), draws)  # the step's random states
+
+    with copier.stepping():
+        t.step()
+    assert copier.live(timeout=1) is None  # a step with no mark since (its after_step not run): stale
+    copier.after_step(t, lambda: dict(META), allowed=False)  # an epoch's last batch: the epoch-end save answers
+    assert copier.live(timeout=1) is None
+
+    copier.after_step(t, lambda: dict(META))
+    found: list[Any] = []
+    inside = threading.Thread(target=lambda: found.append(copier.live(timeout=30)))
+    with copier.stepping():  # the trainer is inside a step: live waits, then gives up
+        assert copier.live(timeout=0.2) is None
+        inside.start()
+        inside.join(0.2)
+        assert inside.is_alive()  # waits for the step...
+    inside.join(30)
+    assert not inside.is_alive() and found == [None]  # ...and then finds its mark stale
 
 
 def test_the_budget_spaces_copies_by_measured_cost_over_step_time() -> None:

@@ -1,7 +1,8 @@
 """The writer thread in a real process whose main thread is stuck in a blocking call.
 
-The child trains a small model a few steps with a host copy at every step,
-then either blocks its main thread in `time.sleep` (a C call that releases
+The child trains a small model a few steps (with a host copy at every step,
+or with copies so rare under a tiny budget that only the first three steps
+have one), then either blocks its main thread in `time.sleep` (a C call that releases
 the GIL, as a call into a GPU that is gone does: the Python signal handler
 never gets to act) or answers the checkpoint signal at its next "batch end".
 """
@@ -28,7 +29,7 @@ import torch
 from gpuguard.integrations.hostcopy import HostCopy
 from gpuguard.integrations.rescue import Progress, Rescuer, exit_now
 
-out, mode = Path(sys.argv[1]), sys.argv[2]
+out, mode, steps, budget = Path(sys.argv[1]), sys.argv[2], int(sys.argv[4]), float(sys.argv[5])
 logging.basicConfig(level=logging.INFO)
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
@@ -38,7 +39,7 @@ class Trainer:
         self.model, self.optimizer = model, torch.optim.AdamW(model.parameters(), lr=0.01)
         self.ema = type("Ema", (), {"ema": copy.deepcopy(model), "updates": 0})()
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
-trainer, copier, progress, requested = Trainer(), HostCopy(budget=float("inf")), Progress(), []
+trainer, copier, progress, requested = Trainer(), HostCopy(budget=budget), Progress(), []
 signal.signal(signal.SIGUSR1, lambda *_: requested.append(1))
 rescuer = Rescuer(copier, checkpoint_signal=signal.SIGUSR1, target=out / "last.pt",
                   checkpoint_file=out / "checkpoint-path", save_every_s=float(sys.argv[3]), progress=progress,
@@ -47,41 +48,46 @@ rescuer.start()
 meta = {"epoch": 1, "last_opt_ni": 0, "metrics": {}, "best_fitness": None, "stopper": {}, "train_args": {}, "version": "test"}
 def step(n):
     trainer.model(torch.randn(4, 3, 8, 8)).square().mean().backward()
-    copier.before_step()
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad()
-    trainer.ema.updates += 1
+    with copier.stepping():
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+        trainer.ema.updates += 1
     copier.after_step(trainer, lambda: {**meta, "position": {"done": n, "batches": 9}})
     progress.mark()
-for n in range(1, 4):
+    torch.save({"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict()}, out / f"at-step-{n}.pt")
+for n in range(1, steps + 1):
     step(n)
-torch.save({"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict()}, out / "at-step-3.pt")
 (out / "ready").touch()
 if mode == "stuck":
     trainer.model(torch.randn(4, 3, 8, 8))  # the next batch's forward: BatchNorm statistics move on
     while True:
         time.sleep(3600)
+if mode == "stuck-in-step":
+    with copier.stepping():
+        next(iter(model.parameters())).data.add_(1.0)  # half a step written...
+        while True:
+            time.sleep(3600)  # ...and stuck there
 while not requested:  # an answering trainer: busy with its batch until the handler has run
     time.sleep(0.01)
-step(4)
-torch.save({"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict()}, out / "at-step-4.pt")
-snap = copier.take(trainer, {**meta, "position": {"done": 4, "batches": 9}}, wait=True)
+step(steps + 1)
+snap = copier.take(trainer, {**meta, "position": {"done": steps + 1, "batches": 9}}, wait=True)
 rescuer.hand_over(snap)
 exit_now(75)
 """
 
 
-def start(tmp_path: Path, mode: str, save_every_s: float = 0) -> subprocess.Popen[str]:
+def start(
+    tmp_path: Path, mode: str, save_every_s: float = 0, steps: int = 3, budget: float = float("inf")
+) -> subprocess.Popen[str]:
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     log = (tmp_path / "child.log").open("w")
-    return subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path), mode, str(save_every_s)], stdout=log, stderr=subprocess.STDOUT, text=True
-    )
+    argv = [sys.executable, str(script), str(tmp_path), mode, str(save_every_s), str(steps), str(budget)]
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
 def ready(tmp_path: Path, proc: subprocess.Popen[str]) -> None:
-    wait_until(lambda: (tmp_path / "ready").exists() or proc.poll() is not None, 60, "the child's third step")
+    wait_until(lambda: (tmp_path / "ready").exists() or proc.poll() is not None, 60, "the child's last step")
     assert proc.poll() is None, (tmp_path / "child.log").read_text()
 
 
@@ -114,6 +120,32 @@ def test_a_stuck_main_thread_is_rescued_with_the_copy_of_its_last_step(tmp_path:
     assert "main thread stuck" in log and "checkpoint at epoch 2 batch 3/9 from the host copy" in log, log
     assert exact_matches(tmp_path / "last.pt", tmp_path / "at-step-3.pt")  # not the moved-on live statistics
     assert Path((tmp_path / "checkpoint-path").read_text().strip()) == (tmp_path / "last.pt").resolve()
+
+
+@pytest.mark.slow
+def test_a_stuck_main_thread_between_copies_is_rescued_from_its_live_state(tmp_path: Path) -> None:
+    """Copies at steps 1-3 only: the rescue copies step 5's weights and optimizer state from the live tensors
+    and step 5's BatchNorm statistics from its mark (the stuck forward moved the live ones on)."""
+    proc = start(tmp_path, "stuck", steps=5, budget=1e-9)
+    ready(tmp_path, proc)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=60) == EX_TEMPFAIL
+    log = (tmp_path / "child.log").read_text()
+    assert "checkpoint at epoch 2 batch 5/9 from the live state" in log, log
+    assert exact_matches(tmp_path / "last.pt", tmp_path / "at-step-5.pt")
+
+
+@pytest.mark.slow
+def test_a_stuck_step_leaves_the_newest_host_copy(tmp_path: Path) -> None:
+    """Stuck inside the step itself (the step lock held): the live tensors may be half-written, so the
+    rescue writes the host copy of step 3, never a torn live copy."""
+    proc = start(tmp_path, "stuck-in-step", steps=5, budget=1e-9)
+    ready(tmp_path, proc)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=60) == EX_TEMPFAIL
+    log = (tmp_path / "child.log").read_text()
+    assert "checkpoint at epoch 2 batch 3/9 from the host copy" in log, log
+    assert exact_matches(tmp_path / "last.pt", tmp_path / "at-step-3.pt")
 
 
 @pytest.mark.slow
