@@ -35,7 +35,7 @@ from gpuguard.integrations.dataset import make_dataset
 from gpuguard.integrations.guard import TrainerGuard
 from gpuguard.integrations.hostcopy import BUDGET
 from gpuguard.integrations.rescue import SAVE_MAX_S, SAVE_MIN_S, SAVE_SHARE
-from gpuguard.integrations.resume import ResumePoint, read_resume_point
+from gpuguard.integrations.resume import ResumePoint, SharedLoad, read_resume_point
 
 log = logging.getLogger("gpuguard.yolo")
 
@@ -178,6 +178,7 @@ def train(tokens: Sequence[str], save_every_s: float | None = None, copy_budget:
     standby.prepare(overrides)  # a warm standby builds what needs no GPU and waits here for its GPUs
     device = choose_device(overrides)
     resume_from = os.environ.get("GPUGUARD_RESUME_FROM")
+    shared: SharedLoad | None = None
     if resume_from:
         try:
             point = read_resume_point(Path(resume_from))
@@ -191,12 +192,15 @@ def train(tokens: Sequence[str], save_every_s: float | None = None, copy_budget:
             "resuming %s from %s: %d/%d epochs done, attempt %s",
             point.save_dir, point.path, point.completed_epochs, point.epochs, os.environ.get("GPUGUARD_ATTEMPT", "?"),
         )
+        shared = loads = SharedLoad(point)  # one unpickling of the checkpoint instead of four
         model = YOLO(str(point.path))
+        model.add_callback("on_train_start", lambda trainer: _loaded_once(loads))
         kwargs = resume_kwargs(point, overrides, device)
         guard.resume_position = point.position
         guard.resume_state = point.state
         if point.completed_epochs == 0:
             guard.first_epoch_state = point.path
+        del point  # the loaded checkpoint is `shared`'s until training starts, then freed
     else:
         check_local(overrides)
         model = YOLO(str(overrides.get("model") or "yolo26n.pt"), task=overrides.get("task"))
@@ -204,8 +208,17 @@ def train(tokens: Sequence[str], save_every_s: float | None = None, copy_budget:
     if device == "cpu" and "amp" not in overrides:
         kwargs["amp"] = False  # AMP is GPU-only, and its check downloads a model
     guard.install(model)
-    model.train(**kwargs)
+    try:
+        model.train(**kwargs)
+    finally:
+        if shared is not None:
+            shared.close()
     return 0
+
+
+def _loaded_once(shared: SharedLoad) -> None:
+    shared.close()
+    log.info("the checkpoint was unpickled once; Ultralytics' %d other load(s) of it answered from memory", shared.served)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import zipfile
@@ -267,3 +268,31 @@ def test_parse_signal_names() -> None:
     assert parse_signal(str(int(signal.SIGTERM))) is signal.SIGTERM
     with pytest.raises(ValueError, match="unknown signal"):
         parse_signal("SIGNOPE")
+
+
+def test_ultralytics_loads_of_the_resume_checkpoint_reuse_the_one_already_loaded(tmp_path: Path) -> None:
+    """One unpickling on the resumed attempt's critical path, never a stale or a weights-only-bypassing one."""
+    torch = pytest.importorskip("torch")
+    from ultralytics.nn import tasks
+
+    from gpuguard.integrations.resume import SharedLoad, read_resume_point
+
+    last = tmp_path / "last.pt"
+    args = {"epochs": 3, "save_dir": str(tmp_path)}
+    torch.save({"epoch": 0, "optimizer": {}, "train_args": args, "ema": torch.nn.Linear(2, 2)}, last)
+    point = read_resume_point(last)
+    real = tasks.torch_load
+    shared = SharedLoad(point)
+    try:
+        assert tasks.torch_safe_load(str(last))[0] is point.loaded  # the path as Ultralytics names it
+        assert tasks.torch_safe_load(last)[0] is point.loaded and shared.served == 2
+        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+            tasks.torch_load(last, weights_only=True)  # a weights-only load still reads (and checks) the file
+        other = tmp_path / "other.pt"
+        torch.save({"epoch": 1}, other)
+        assert tasks.torch_safe_load(other)[0] == {"epoch": 1}
+        torch.save({"epoch": 2, "train_args": args}, last)  # the trainer rewrote it
+        assert tasks.torch_safe_load(last)[0]["epoch"] == 2 and shared.served == 2
+    finally:
+        shared.close()
+    assert tasks.torch_load is real
