@@ -76,13 +76,9 @@ def validate_fd(fd: int) -> CheckpointCheck:
         before = os.fstat(fd)
     except OSError as exc:
         return _bad(f"cannot stat: {exc.strerror or exc}")
-    if stat.S_ISDIR(before.st_mode):
-        return _bad("is a directory")
-    if not stat.S_ISREG(before.st_mode):
-        return _bad("not a regular file")
+    if (refused := precheck(before)) is not None:
+        return refused
     size, mtime = before.st_size, before.st_mtime
-    if size == 0:
-        return CheckpointCheck(False, "empty file", 0, mtime, None)
     try:
         _check_zip(fd, size)
         digest = _sha256(fd, size)
@@ -94,6 +90,29 @@ def validate_fd(fd: int) -> CheckpointCheck:
     if (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns):
         return CheckpointCheck(False, "changed while validating", size, mtime, None)
     return CheckpointCheck(True, "ok", size, mtime, digest)
+
+
+def precheck(st: os.stat_result) -> CheckpointCheck | None:
+    """What the file's stat alone refuses (a directory, not a regular file, empty); None: read on."""
+    if stat.S_ISDIR(st.st_mode):
+        return _bad("is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        return _bad("not a regular file")
+    if st.st_size == 0:
+        return CheckpointCheck(False, "empty file", 0, st.st_mtime, None)
+    return None
+
+
+def complete_problem(fd: int, size: int) -> str | None:
+    """Why the `size` bytes open at `fd` are not a complete torch checkpoint (the zip checks); None if
+    they are. For bytes whose digest the caller took itself (a copy hashed as it was written)."""
+    try:
+        _check_zip(fd, size)
+    except _Reject as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"read error: {exc.strerror or exc}"
+    return None
 
 
 def verify_fd(fd: int, *, size: int, sha256: str) -> str | None:
@@ -159,6 +178,7 @@ def _same_file(path: Path, fd: int) -> bool:
 def _check_zip(fd: int, size: int) -> None:
     """Central directory, a data.pkl member, and every member's CRC-32."""
     with open(fd, "rb", closefd=False) as raw:
+        raw.seek(0)  # from the start, wherever a writer left the offset
         if raw.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
             raise _Reject("not a zip checkpoint")
         raw.seek(0)

@@ -15,17 +15,19 @@ Writes into the ring are fsynced before they are renamed into place.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 from pathlib import Path
 
 from gpuguard.durable import write_all
-from gpuguard.supervisor.checkpoints import CHUNK, CheckpointCheck, validate
+from gpuguard.supervisor.checkpoints import CHUNK, CheckpointCheck, complete_problem, precheck
 from gpuguard.supervisor.process import UserSpec
 
 _READ, _SEARCH = 4, 1  # the r and x bits of each class (owner, group, others)
 _NO_FOLLOW = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+CHANGED_WHILE_COPYING = "changed while copying"
 
 
 class SourceRefused(Exception):
@@ -130,27 +132,38 @@ def _relative_to_workdir(source: Path, workdir: Path) -> Path:
 
 
 def copy_validated(src_fd: int, tmp: Path) -> CheckpointCheck:
-    """Copy to `tmp` (the source's mode, owner and mtime), fsync, validate the copy.
+    """Copy to `tmp` (the source's mode, owner and mtime), hashing what is written; check the copy
+    is a complete checkpoint; fsync. Not ok when the source changed while it was copied.
 
-    The owner is kept so a job running as its own user can read the
-    snapshot it is resumed from.
+    One read of the source and one of the copy (from the page cache): a resumed attempt waits for
+    this copy. The owner is kept so a job running as its own user can read the snapshot it is
+    resumed from.
     """
     src = os.fstat(src_fd)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, src.st_mode & 0o777)
+    if (refused := precheck(src)) is not None:
+        return refused
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, src.st_mode & 0o777)
     try:
         if os.geteuid() == 0:
             os.fchown(fd, src.st_uid, src.st_gid)
-        copy_fd(src_fd, fd)
+        digest, copied = copy_fd(src_fd, fd)
+        after = os.fstat(src_fd)
+        if (copied, after.st_size, after.st_mtime_ns) != (src.st_size, src.st_size, src.st_mtime_ns):
+            return CheckpointCheck(False, CHANGED_WHILE_COPYING, copied, src.st_mtime, None)
+        if (problem := complete_problem(fd, copied)) is not None:
+            return CheckpointCheck(False, problem, copied, src.st_mtime, None)
         os.fsync(fd)
         os.utime(fd, ns=(src.st_atime_ns, src.st_mtime_ns))
     finally:
         os.close(fd)
-    return validate(tmp)
+    return CheckpointCheck(True, "ok", copied, src.st_mtime, digest)
 
 
-def copy_fd(src_fd: int, dst_fd: int) -> None:
-    """Stream the whole source into the destination in bounded chunks."""
-    offset = 0
+def copy_fd(src_fd: int, dst_fd: int) -> tuple[str, int]:
+    """Stream the whole source into the destination in bounded chunks; its sha256 and size."""
+    digest, offset = hashlib.sha256(), 0
     while chunk := os.pread(src_fd, CHUNK, offset):
         write_all(dst_fd, chunk)
+        digest.update(chunk)
         offset += len(chunk)
+    return digest.hexdigest(), offset

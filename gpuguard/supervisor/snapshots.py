@@ -29,12 +29,12 @@ from typing import Any
 import structlog
 
 from gpuguard.contract import valid_job_name
-from gpuguard.supervisor.checkpoints import CheckpointCheck, validate_fd
+from gpuguard.supervisor.checkpoints import CheckpointCheck, precheck, validate_fd
 from gpuguard.supervisor.process import UserSpec
 from gpuguard.supervisor.retention import select_retained
 from gpuguard.supervisor.snapshot_check import OK, SnapshotChecks
 from gpuguard.durable import fsync_dir, write_synced
-from gpuguard.supervisor.snapshot_files import SourceRefused, copy_validated, open_source
+from gpuguard.supervisor.snapshot_files import CHANGED_WHILE_COPYING, SourceRefused, copy_validated, open_source
 
 log = structlog.get_logger(__name__)
 
@@ -163,12 +163,17 @@ class SnapshotRing:
         except SourceRefused as exc:
             return self._refuse(job, source, str(exc))
         try:
-            check = validate_fd(src_fd)
-            if not check.ok:
-                return self._refuse(job, source, check.reason)
+            st = os.fstat(src_fd)
+            if (refused := precheck(st)) is not None:
+                return self._refuse(job, source, refused.reason)
             newest = self.newest(job)
-            if newest is not None and newest.sha256 == check.sha256 and self._verify(newest) == OK:
-                return AddResult(newest, False, f"unchanged: same content as snapshot {newest.id}")
+            if newest is not None and (newest.source, newest.size, newest.mtime) == (str(source), st.st_size, st.st_mtime):
+                # the file last taken, by its stat: read it to be sure before copying it again
+                check = validate_fd(src_fd)
+                if not check.ok:
+                    return self._refuse(job, source, check.reason)
+                if newest.sha256 == check.sha256 and self._verify(newest) == OK:
+                    return AddResult(newest, False, f"unchanged: same content as snapshot {newest.id}")
             tmp = jobdir / f"{_TMP_PREFIX}{uuid.uuid4().hex}.pt"
             try:
                 jobdir.mkdir(exist_ok=True)
@@ -183,7 +188,9 @@ class SnapshotRing:
             os.close(src_fd)
         if not copy.ok:
             tmp.unlink(missing_ok=True)
-            return self._refuse(job, source, f"copy failed validation ({copy.reason}): source changed during copy")
+            if copy.reason == CHANGED_WHILE_COPYING:
+                return self._refuse(job, source, f"copy failed validation ({copy.reason}): source changed during copy")
+            return self._refuse(job, source, copy.reason)  # the source itself is no complete checkpoint
         try:
             return self._commit(job, jobdir, tmp, copy, source, meta)
         except OSError as exc:

@@ -92,6 +92,22 @@ def test_same_content_is_not_copied_again(ring: SnapshotRing, workdir: Path) -> 
     assert len(ring.list("yolo")) == 1
 
 
+def test_the_file_last_taken_is_read_not_copied_and_a_broken_source_leaves_nothing(
+    ring: SnapshotRing, workdir: Path
+) -> None:
+    src = write_epoch(workdir, 1)
+    first = ring.add("yolo", src, job_workdir=workdir)
+    again = ring.add("yolo", src, job_workdir=workdir)  # same path, size and mtime: hashed, found the same
+    assert not again.saved and again.snapshot == first.snapshot and "unchanged" in again.reason
+    assert job_files(ring) == sorted([f"{first.snapshot.id}.pt", f"{first.snapshot.id}.json"])
+
+    data = src.read_bytes()
+    src.write_bytes(data[: len(data) // 2])  # a trainer killed mid-write
+    broken = ring.add("yolo", src, job_workdir=workdir)
+    assert broken.snapshot is None and "zip" in broken.reason  # the copy's own check names the source's fault
+    assert job_files(ring) == sorted([f"{first.snapshot.id}.pt", f"{first.snapshot.id}.json"])  # no half copy left
+
+
 def test_same_content_copied_again_when_the_newest_copy_broke(ring: SnapshotRing, workdir: Path) -> None:
     src = write_epoch(workdir, 1)
     first = ring.add("yolo", src, job_workdir=workdir).snapshot
@@ -155,7 +171,7 @@ def test_disk_full_keeps_last_good(
     assert good is not None
     real_copy = snapshot_files.copy_fd
 
-    def fills_up(src_fd: int, dst_fd: int) -> None:
+    def fills_up(src_fd: int, dst_fd: int) -> tuple[str, int]:
         os.write(dst_fd, b"partial")
         raise OSError(code, os.strerror(code))
 
@@ -173,10 +189,10 @@ def test_source_truncated_during_copy(ring: SnapshotRing, workdir: Path, monkeyp
     src = write_epoch(workdir, 1)
     real_copy = snapshot_files.copy_fd
 
-    def trainer_rewrites(src_fd: int, dst_fd: int) -> None:
+    def trainer_rewrites(src_fd: int, dst_fd: int) -> tuple[str, int]:
         with src.open("r+b") as f:  # write_bytes truncates in place, then dies
             f.truncate(100)
-        real_copy(src_fd, dst_fd)
+        return real_copy(src_fd, dst_fd)
 
     monkeypatch.setattr(snapshot_files, "copy_fd", trainer_rewrites)
     result = ring.add("yolo", src, job_workdir=workdir)
