@@ -8,6 +8,11 @@ whole file (size, sha256, zip structure: about what the job's own load costs).
 the last full check while the file's inode, size, mtime and ctime are
 unchanged (ctime cannot be set back from user space, so `touch -r` does not
 hide a change from it).
+
+One exception keeps a restart off the disk: a snapshot written or fully
+read less than RECENT_S ago and unchanged since is handed out on that
+verdict. Its pages are still in the page cache, so a second read would
+check memory, not the disk; a change by anyone shows in the fingerprint.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import os
 import stat
 import threading
 from pathlib import Path
+from time import monotonic
 
 from gpuguard.supervisor.checkpoints import size_problem, verify_fd
 
 OK = "ok"
+RECENT_S = 60.0  # a full check this fresh, of an unchanged file, stands at a hand-out
 _Fingerprint = tuple[int, int, int, int, int]
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -35,7 +42,7 @@ class SnapshotChecks:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._verdicts: dict[Path, tuple[_Fingerprint, str]] = {}
+        self._verdicts: dict[Path, tuple[_Fingerprint, str, float]] = {}  # + when (monotonic) it was found
 
     def verify(self, path: Path, *, size: int, sha256: str) -> str:
         """Read the whole file: OK, or why it is not the recorded snapshot.
@@ -66,6 +73,18 @@ class SnapshotChecks:
             seen = self._verdicts.get(path)
         return seen[1] if seen is not None and seen[0] == _fingerprint(st) else None
 
+    def recently_ok(self, path: Path, size: int) -> bool:
+        """Found OK by a full check (or written by the ring) less than RECENT_S ago, unchanged since."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if _kind_problem(st) or size_problem(st.st_size, size):
+            return False
+        with self._lock:
+            seen = self._verdicts.get(path)
+        return seen is not None and seen[:2] == (_fingerprint(st), OK) and monotonic() - seen[2] < RECENT_S
+
     def trust(self, path: Path) -> None:
         """Record as OK a file its writer has just validated (a new snapshot)."""
         self._remember(path, os.lstat(path), OK)
@@ -78,7 +97,7 @@ class SnapshotChecks:
 
     def _remember(self, path: Path, st: os.stat_result, verdict: str) -> None:
         with self._lock:
-            self._verdicts[path] = (_fingerprint(st), verdict)
+            self._verdicts[path] = (_fingerprint(st), verdict, monotonic())
 
 
 def _open_nofollow(path: Path) -> int | str:

@@ -329,7 +329,7 @@ class SnapshotRing:
         """Up to `count` valid snapshots, newest first; the broken ones newer than the last are reported."""
         found: Snapshots = []
         for snap in self.list(job):
-            verdict = self._verify(snap)
+            verdict = OK if self._checks.recently_ok(snap.path, snap.size) else self._verify(snap)
             if verdict == OK:
                 found.append(replace(snap, verdict=OK))
                 if len(found) == count:

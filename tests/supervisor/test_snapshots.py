@@ -355,6 +355,7 @@ def test_verification_does_not_hold_the_ring_lock(
 ) -> None:
     """A large snapshot takes seconds to hash; adds and prunes must not wait for it."""
     newest, _, _ = three(ring, workdir, clock)
+    monkeypatch.setattr(snapshot_check, "RECENT_S", 0.0)  # the add's own verdict is not fresh enough: read
     real = snapshot_check.verify_fd
     held: list[bool] = []
 
@@ -365,6 +366,26 @@ def test_verification_does_not_hold_the_ring_lock(
     monkeypatch.setattr(snapshot_check, "verify_fd", spy)
     assert ring.newest_valid("yolo") == newest
     assert held == [False]
+
+
+def test_a_snapshot_just_written_is_handed_out_unread_until_it_changes_or_its_check_is_old(
+    ring: SnapshotRing, workdir: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart right after the copy: a second read would check the page cache, not the disk."""
+    newest, middle, _ = three(ring, workdir, clock)
+    real, reads = snapshot_check.verify_fd, []
+
+    def counted(fd: int, *, size: int, sha256: str) -> str | None:
+        reads.append(sha256)
+        return real(fd, size=size, sha256=sha256)
+
+    monkeypatch.setattr(snapshot_check, "verify_fd", counted)
+    assert ring.newest_valid("yolo") == newest and reads == []  # its add's verdict, seconds old
+    flip_middle_byte(newest.path)  # size and mtime as before: the ctime moved
+    assert ring.newest_valid("yolo") == middle and reads == [newest.sha256]  # read, found broken, skipped
+    later = snapshot_check.monotonic() + snapshot_check.RECENT_S
+    monkeypatch.setattr(snapshot_check, "monotonic", lambda: later)
+    assert ring.newest_valid("yolo") == middle and reads == [newest.sha256, newest.sha256, middle.sha256]
 
 
 def test_remove_job(ring: SnapshotRing, workdir: Path) -> None:
