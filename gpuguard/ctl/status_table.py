@@ -1,5 +1,6 @@
-"""`status` for people: the GPUs, why any is not healthy, the jobs and one
-line about the daemon, within the terminal's width (80 columns off a
+"""`status` for people: the GPUs, why any is not healthy, the jobs (and a
+line for each warm standby), a line about the daemon and one about its
+shared storage when it has one, within the terminal's width (80 columns off a
 terminal) unless --wide, the GPU states coloured only on a terminal."""
 
 from __future__ import annotations
@@ -88,12 +89,30 @@ def format_status(status: dict[str, Any], look: Look = Look()) -> str:
         for j in jobs
     ]
     parts.append(table(JOB_HEADERS, job_rows, width=look.width, shrink=(0, 2, 6)) if jobs else "no jobs")
+    standbys = [_standby(j) for j in jobs if isinstance(j.get("standby"), dict)]
+    if standbys:
+        parts.append("\n".join(standbys))
     d = status.get("daemon") or {}
-    parts.append(
+    daemon = (
         f"daemon: gpuguardd {d.get('version', '?')}, backend {d.get('backend', '?')}, "
         f"pid {d.get('pid', '?')}, up {_duration(d.get('uptime_s'))}"
     )
+    storage = d.get("storage")
+    parts.append(daemon + ("\n" + _storage(storage) if isinstance(storage, dict) else ""))
     return "\n\n".join(parts)
+
+
+def _standby(job: dict[str, Any]) -> str:
+    """`train: warm standby pid 888 waiting` (the next attempt, started ahead: docs/STANDBY.md)."""
+    sb = job["standby"]
+    return f"{job.get('name')}: warm standby pid {sb.get('pid', '?')} {sb.get('state', '?')}"
+
+
+def _storage(storage: dict[str, Any]) -> str:
+    """`storage: s3://bucket/prefix, available, 0 uploads pending` or why it is not."""
+    state = "available" if storage.get("available") else f"UNAVAILABLE ({storage.get('problem') or 'unknown'})"
+    pending = storage.get("pending_uploads")
+    return f"storage: {storage.get('url', '?')}, {state}, {pending if pending is not None else '?'} upload(s) pending"
 
 
 def _note(gpu: dict[str, Any], width: int | None) -> str:
