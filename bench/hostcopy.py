@@ -69,7 +69,7 @@ def batch_start(trainer):
         while os.environ.get("HOOK") == "stuck":
             time.sleep(3600)
 def batch_end(trainer):
-    times.append((trainer.epoch, time.perf_counter()))
+    times.append((trainer.epoch, time.perf_counter(), time.process_time()))
     with open(os.environ["TIMES"], "w") as f:
         json.dump(times, f)
 def hooks(model):
@@ -116,9 +116,10 @@ def child(tmp: Path, data: Path, model: str, name: str, flags: tuple[str, ...] |
     return proc.returncode, proc.stdout + proc.stderr, json.loads(times.read_text()) if times.exists() else []
 
 
-def intervals(times: list, epochs: set[int] | None = None) -> list[float]:
-    """Seconds between consecutive batch ends within an epoch, epochs 2.. (0-based 1..) or those given."""
-    return [t1 - t0 for (e0, t0), (e1, t1) in zip(times, times[1:]) if e0 == e1 and (e0 in epochs if epochs else e0 >= 1)]
+def intervals(times: list, epochs: set[int] | None = None, clock: int = 1) -> list[float]:
+    """Seconds between consecutive batch ends within an epoch, epochs 2.. (0-based 1..) or those given;
+    clock 1: wall time, 2: the process's CPU time (all its threads: less moved by other processes)."""
+    return [b[clock] - a[clock] for a, b in zip(times, times[1:]) if a[0] == b[0] and (a[0] in epochs if epochs else a[0] >= 1)]
 
 
 def lost_work(tmp: Path, data: Path, model: str, hook: str, flags: tuple[str, ...]) -> str:
@@ -141,6 +142,7 @@ def spread(values: list[float], fmt: str, scale: float = 1.0) -> str:
 
 def measure(tmp: Path, data: Path, model: str, rounds: int) -> dict:
     steps: dict[str, list[float]] = {s: [] for s in SETUPS}
+    cpu: dict[str, list[float]] = {s: [] for s in SETUPS}
     budget: list[tuple[str, str, str, str]] = []
     for n in range(rounds):  # interleaved, so a busy spell of the machine hits both
         for i, (setup, flags) in enumerate(SETUPS.items()):
@@ -148,6 +150,7 @@ def measure(tmp: Path, data: Path, model: str, rounds: int) -> dict:
             if rc != 0:
                 raise SystemExit(f"{model} {setup}: exit {rc}\n{log[-3000:]}")
             steps[setup].append(statistics.median(intervals(times)))
+            cpu[setup].append(statistics.median(intervals(times, clock=2)))
             budget += re.findall(
                 r"host copy: every (\d+) optimizer step\(s\), ([\d.]+) ms a copy, ([\d.]+) ms a step \(budget [^)]*\), "
                 r"([\d.]+) ms a mark", log,
@@ -160,12 +163,14 @@ def measure(tmp: Path, data: Path, model: str, rounds: int) -> dict:
     rc, log, times = child(tmp, data, model, f"{model}-ab", ("--save-every-s", "0", "--copy-budget", "inf"), AB_EPOCHS, AB="1")
     if rc != 0:
         raise SystemExit(f"{model} A/B: exit {rc}\n{log[-3000:]}")
-    on = intervals(times, {e for e in range(1, AB_EPOCHS) if e % 2 == 1})
-    off = intervals(times, {e for e in range(2, AB_EPOCHS) if e % 2 == 0})
+    odd, even = {e for e in range(1, AB_EPOCHS) if e % 2 == 1}, {e for e in range(2, AB_EPOCHS) if e % 2 == 0}
+    on, off = intervals(times, odd), intervals(times, even)
+    on_cpu, off_cpu = intervals(times, odd, clock=2), intervals(times, even, clock=2)
     lost = {what: lost_work(tmp, data, model, hook, flags) for what, hook, flags in (
         ("stuck, default budget", "stuck", ()), ("stuck, copy every step", "stuck", ("--copy-budget", "inf")),
         ("answering", "answer", ()))}  # fmt: skip
-    return {"steps": steps, "on": on, "off": off, "budget": budget, "writes": writes, "lost": lost}
+    return {"steps": steps, "cpu": cpu, "on": on, "off": off, "on_cpu": on_cpu, "off_cpu": off_cpu, "budget": budget,
+            "writes": writes, "lost": lost}  # fmt: skip
 
 
 def table(results: dict[str, dict]) -> str:
@@ -177,9 +182,15 @@ def table(results: dict[str, dict]) -> str:
     row("median step, plain Ultralytics (ms; runs' medians, min..max)", lambda r: spread(r["steps"]["plain"], ".0f", 1e3))
     row("median step, gpuguard-yolo as shipped (ms)", lambda r: spread(r["steps"]["gpuguard-yolo"], ".0f", 1e3))
     row("the same, against plain (median of runs)", lambda r: f"{_ratio(r['steps']['gpuguard-yolo'], r['steps']['plain']):+.1f} %")
+    row("the same in process CPU time a step (all threads), against plain",
+        lambda r: f"{statistics.median(r['cpu']['gpuguard-yolo']) * 1e3:.0f} / {statistics.median(r['cpu']['plain']) * 1e3:.0f} "
+                  f"({_ratio(r['cpu']['gpuguard-yolo'], r['cpu']['plain']):+.1f} %)")  # fmt: skip
     row("host copy at every step, in-process A/B: step with / without (ms)",
         lambda r: f"{statistics.median(r['on']) * 1e3:.0f} / {statistics.median(r['off']) * 1e3:.0f} "
                   f"({_ratio(r['on'], r['off']):+.1f} %)")  # fmt: skip
+    row("the same A/B in process CPU time a step (ms)",
+        lambda r: f"{statistics.median(r['on_cpu']) * 1e3:.0f} / {statistics.median(r['off_cpu']) * 1e3:.0f} "
+                  f"({_ratio(r['on_cpu'], r['off_cpu']):+.1f} %)")  # fmt: skip
     row("default budget (2 %): a copy every ... steps (its measured copy / step, ms)",
         lambda r: ", ".join(f"{e} ({c} / {s})" for e, c, s, _ in r["budget"]) or "—")
     row("a mark at every step between copies, on the trainer's thread (ms)",
@@ -189,7 +200,8 @@ def table(results: dict[str, dict]) -> str:
         lambda r: f"{min(SAVE_MAX_S, max(SAVE_MIN_S, statistics.median(r['writes']) / SAVE_SHARE)):.0f} s"
         if r["writes"] else "—")  # fmt: skip
     for what in ("stuck, default budget", "stuck, copy every step", "answering"):
-        row(f"lost work, {what} (batches; stuck: the rescue's source)", lambda r, w=what: r["lost"][w])
+        note = "; from the rescue's source" if what.startswith("stuck") else ""
+        row(f"lost work, {what} (batches{note})", lambda r, w=what: r["lost"][w])
     return "\n".join(lines)
 
 
