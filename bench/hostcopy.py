@@ -200,7 +200,7 @@ def table(results: dict[str, dict]) -> str:
         lambda r: f"{min(SAVE_MAX_S, max(SAVE_MIN_S, statistics.median(r['writes']) / SAVE_SHARE)):.0f} s"
         if r["writes"] else "—")  # fmt: skip
     for what in ("stuck, default budget", "stuck, copy every step", "answering"):
-        note = "; from the rescue's source" if what.startswith("stuck") else ""
+        note = "; rescued from" if what.startswith("stuck") else ""
         row(f"lost work, {what} (batches{note})", lambda r, w=what: r["lost"][w])
     return "\n".join(lines)
 
