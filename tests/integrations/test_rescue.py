@@ -123,29 +123,27 @@ def test_a_stuck_main_thread_is_rescued_with_the_copy_of_its_last_step(tmp_path:
 
 
 @pytest.mark.slow
-def test_a_stuck_main_thread_between_copies_is_rescued_from_its_live_state(tmp_path: Path) -> None:
-    """Copies at steps 1-3 only: the rescue copies step 5's weights and optimizer state from the live tensors
-    and step 5's BatchNorm statistics from its mark (the stuck forward moved the live ones on)."""
-    proc = start(tmp_path, "stuck", steps=5, budget=1e-9)
+@pytest.mark.parametrize(
+    ("mode", "step", "source"),
+    [
+        # copies at steps 1-3 only: step 5's weights and optimizer state come from the live tensors, its
+        # BatchNorm statistics from its mark (the stuck forward moved the live ones on)
+        ("stuck", 5, "the live state"),
+        # stuck inside the step itself (the step lock held): the live tensors may be half-written, so the
+        # rescue writes the host copy of step 3, never a torn live copy
+        ("stuck-in-step", 3, "the host copy"),
+    ],
+)
+def test_a_stuck_trainer_between_copies_is_rescued_with_its_last_whole_step(
+    tmp_path: Path, mode: str, step: int, source: str
+) -> None:
+    proc = start(tmp_path, mode, steps=5, budget=1e-9)
     ready(tmp_path, proc)
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=60) == EX_TEMPFAIL
     log = (tmp_path / "child.log").read_text()
-    assert "checkpoint at epoch 2 batch 5/9 from the live state" in log, log
-    assert exact_matches(tmp_path / "last.pt", tmp_path / "at-step-5.pt")
-
-
-@pytest.mark.slow
-def test_a_stuck_step_leaves_the_newest_host_copy(tmp_path: Path) -> None:
-    """Stuck inside the step itself (the step lock held): the live tensors may be half-written, so the
-    rescue writes the host copy of step 3, never a torn live copy."""
-    proc = start(tmp_path, "stuck-in-step", steps=5, budget=1e-9)
-    ready(tmp_path, proc)
-    proc.send_signal(signal.SIGUSR1)
-    assert proc.wait(timeout=60) == EX_TEMPFAIL
-    log = (tmp_path / "child.log").read_text()
-    assert "checkpoint at epoch 2 batch 3/9 from the host copy" in log, log
-    assert exact_matches(tmp_path / "last.pt", tmp_path / "at-step-3.pt")
+    assert f"checkpoint at epoch 2 batch {step}/9 from {source}" in log, log
+    assert exact_matches(tmp_path / "last.pt", tmp_path / f"at-step-{step}.pt")
 
 
 @pytest.mark.slow
