@@ -296,3 +296,28 @@ def test_ultralytics_loads_of_the_resume_checkpoint_reuse_the_one_already_loaded
     finally:
         shared.close()
     assert tasks.torch_load is real
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.parametrize("old", ["no exact state", "another state version"])
+def test_a_checkpoint_of_an_earlier_release_resumes_the_ultralytics_way(
+    signalled: SignalledRun, tmp_path: Path, old: str
+) -> None:
+    """gpuguard-yolo before the exact state (or with another version of it) wrote checkpoints that a
+    node still running the newer one may be handed: they resume, inexactly, never crash."""
+    torch = pytest.importorskip("torch")
+    from gpuguard.integrations.exact import STATE_KEY
+
+    ckpt = torch.load(signalled.midway_checkpoints[1], map_location="cpu", weights_only=False)
+    assert STATE_KEY in ckpt["train_metrics"]
+    if old == "no exact state":
+        del ckpt["train_metrics"][STATE_KEY]
+    else:
+        ckpt["train_metrics"][STATE_KEY] = {"version": 0, "model": {}}
+    earlier = tmp_path / "earlier.pt"
+    torch.save(ckpt, earlier)
+    job = signalled.job
+    rc, log = job.finish(job.start(9, resume_from=earlier))
+    assert rc == 0, log
+    assert "resuming" in log and "resumed with the exact training state" not in log
