@@ -6,12 +6,14 @@ never trusted: the file a trainer names its checkpoint in is read only when
 it is a small regular file of the job's user (no symlink followed, no wait
 on a FIFO), and a checkpoint is taken only when the job's user could read it
 (`snapshot_files`). A copy runs on the watcher's callback thread; `ingest`,
-called from the tick, is a stat when that write was already taken.
+called from the tick, is a stat when that write was already taken, and waits
+for a copy of that very write already under way rather than making a second.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -53,6 +55,8 @@ class CheckpointIntake:
         self._persist = persist
         self._refused: dict[str, Identity] = {}  # job -> its checkpoint-path file last ignored
         self._taken: dict[str, Identity] = {}  # job -> the checkpoint write last found in the ring
+        self._copying: dict[str, Identity] = {}  # job -> the write being copied now
+        self._copied = threading.Condition()  # guards both; notified when a copy ends
 
     def watch(self, job: Job) -> None:
         """Follow the job's checkpoint from now on (a new job, or a path just named)."""
@@ -110,13 +114,28 @@ class CheckpointIntake:
             self.snapshot(job, path)
 
     def snapshot(self, job: Job, path: Path) -> None:
-        """Hand one write of the checkpoint to the ring, as the job's user could read it."""
+        """Hand one write of the checkpoint to the ring, as the job's user could read it; if another
+        thread is copying that same write, wait for it instead (a restart waits for this copy)."""
         seen = _identity(path)
-        result = self.ring.add(
-            job.name, path, job_workdir=job.spec.workdir, job_user=job.spec.user, meta={"attempt": job.attempt.number}
-        )
-        if seen is not None and result.snapshot is not None:  # saved, or the same content as the newest
-            self._taken[job.name] = seen
+        with self._copied:
+            while seen is not None and self._copying.get(job.name) == seen:
+                self._copied.wait()
+            if seen is not None and self._taken.get(job.name) == seen:
+                return  # the other thread took it
+            if seen is not None:
+                self._copying[job.name] = seen
+        result = None
+        try:
+            result = self.ring.add(
+                job.name, path, job_workdir=job.spec.workdir, job_user=job.spec.user, meta={"attempt": job.attempt.number}
+            )
+        finally:
+            with self._copied:
+                if seen is not None and self._copying.get(job.name) == seen:
+                    del self._copying[job.name]
+                if seen is not None and result is not None and result.snapshot is not None:  # saved, or unchanged
+                    self._taken[job.name] = seen
+                self._copied.notify_all()
         if result.saved and result.snapshot is not None:
             if job.attempt.number > job.attempt.pin_attempt:
                 # newer work supersedes a rollback; a checkpoint the rolled-back attempt

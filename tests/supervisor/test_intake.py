@@ -3,8 +3,10 @@ snapshots (with a run directory shared between nodes, the next node's writes lan
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,3 +55,34 @@ def test_a_job_over_on_this_node_takes_no_more_snapshots(
     make_checkpoint(ckpt, epoch=2)  # e.g. the node the job was requeued to, in a shared directory
     taken._on_checkpoint("yolo", ckpt)
     assert taken.ring.list("yolo") == []
+
+
+def test_an_ingest_waits_for_the_watcher_s_copy_of_the_same_write_instead_of_copying_it_again(
+    intake: tuple[CheckpointIntake, dict[str, Job]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer's last write before its exit 75: the watcher starts copying it, then the stop worker's
+    ingest asks for the same write. One copy, and the ingest returns only once it is in the ring."""
+    taken, jobs = intake
+    job, ckpt = _job(jobs, tmp_path, JobState.RUNNING)
+    make_checkpoint(ckpt, epoch=3)
+    real_add, adds, copying, go_on = taken.ring.add, [], threading.Event(), threading.Event()
+
+    def slow_add(*args: Any, **kwargs: Any) -> Any:
+        adds.append(args[1])
+        copying.set()
+        assert go_on.wait(30)
+        return real_add(*args, **kwargs)
+
+    monkeypatch.setattr(taken.ring, "add", slow_add)
+    watcher = threading.Thread(target=taken._on_checkpoint, args=("yolo", ckpt))
+    watcher.start()
+    assert copying.wait(30)
+    ingest = threading.Thread(target=taken.ingest, args=(job,))
+    ingest.start()
+    ingest.join(0.5)
+    assert ingest.is_alive()  # waiting for the watcher's copy...
+    go_on.set()
+    ingest.join(30)
+    watcher.join(30)
+    assert not ingest.is_alive() and adds == [ckpt]  # ...not making a second
+    assert len(taken.ring.list("yolo")) == 1
