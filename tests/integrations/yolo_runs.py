@@ -17,6 +17,19 @@ from harness import wait_until
 TRAIN_ARGS = ("model=yolov8n.yaml", "epochs=2", "imgsz=64", "batch=8", "plots=False", "seed=0")
 EX_TEMPFAIL = 75
 
+# TRAINED_LOG (both shims): every training batch appends [epoch, image names] to that file, as the
+# trainer sees it.
+TRAINED_LOG_HOOK = """
+if "TRAINED_LOG" in os.environ:
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    preprocess = DetectionTrainer.preprocess_batch
+    def preprocess_batch(self, batch):
+        with open(os.environ["TRAINED_LOG"], "a") as f:
+            f.write(json.dumps([self.epoch, [Path(p).name for p in batch["im_file"]]]) + "\\n")
+        return preprocess(self, batch)
+    DetectionTrainer.preprocess_batch = preprocess_batch
+"""
+
 # Runs the trainer with two test-only hooks, each enabled by its variable:
 # SLOW_WRITE_MARKER: the first chunk written to last.pt's temp file, once a last.pt exists, stops
 #   half-way and says so in that file; the test then SIGKILLs the process mid-write.
@@ -51,15 +64,7 @@ if "SIGNAL_AT_EPOCH" in os.environ:
         if trainer.epoch == int(os.environ["SIGNAL_AT_EPOCH"]):
             os.kill(os.getpid(), signal.SIGUSR1)
     TrainerGuard.on_train_epoch_start = on_train_epoch_start
-if "TRAINED_LOG" in os.environ:
-    from ultralytics.models.yolo.detect import DetectionTrainer
-    preprocess = DetectionTrainer.preprocess_batch
-    def preprocess_batch(self, batch):
-        with open(os.environ["TRAINED_LOG"], "a") as f:
-            f.write(json.dumps([self.epoch, [Path(p).name for p in batch["im_file"]]]) + "\\n")
-        return preprocess(self, batch)
-    DetectionTrainer.preprocess_batch = preprocess_batch
-if "STATE_LOG" in os.environ:
+""" + TRAINED_LOG_HOOK + """if "STATE_LOG" in os.environ:
     from gpuguard.integrations.guard import TrainerGuard
     train_start = TrainerGuard.on_train_start
     def on_train_start(self, trainer):
@@ -213,14 +218,6 @@ def install_with_hooks(self, model):
     if "FINAL_STATE" in os.environ:
         model.add_callback("on_train_end", train_end)
 TrainerGuard.install = install_with_hooks
-if "TRAINED_LOG" in os.environ:
-    from ultralytics.models.yolo.detect import DetectionTrainer
-    preprocess = DetectionTrainer.preprocess_batch
-    def preprocess_batch(self, batch):
-        with open(os.environ["TRAINED_LOG"], "a") as f:
-            f.write(json.dumps([self.epoch, [Path(p).name for p in batch["im_file"]]]) + "\\n")
-        return preprocess(self, batch)
-    DetectionTrainer.preprocess_batch = preprocess_batch
-from gpuguard.integrations.ultralytics import main
+""" + TRAINED_LOG_HOOK + """from gpuguard.integrations.ultralytics import main
 sys.exit(main())
 """
