@@ -103,6 +103,22 @@ def precheck(st: os.stat_result) -> CheckpointCheck | None:
     return None
 
 
+def ends_problem(fd: int) -> str | None:
+    """Why the file open at `fd` cannot be a complete zip checkpoint, from its first bytes and its
+    end record alone (a few kilobytes read); None: worth reading in full. So that a truncated
+    write or a file that is no checkpoint at all is refused before it is copied anywhere."""
+    try:
+        with open(fd, "rb", closefd=False) as raw:
+            raw.seek(0)
+            if raw.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+                return "not a zip checkpoint"
+            if zipfile._EndRecData(raw) is None:  # type: ignore[attr-defined]
+                return "truncated or corrupt zip: no end of central directory"
+    except OSError as exc:
+        return f"read error: {exc.strerror or exc}"
+    return None
+
+
 def complete_problem(fd: int, size: int) -> str | None:
     """Why the `size` bytes open at `fd` are not a complete torch checkpoint (the zip checks); None if
     they are. For bytes whose digest the caller took itself (a copy hashed as it was written)."""

@@ -21,7 +21,7 @@ import stat
 from pathlib import Path
 
 from gpuguard.durable import write_all
-from gpuguard.supervisor.checkpoints import CHUNK, CheckpointCheck, complete_problem, precheck
+from gpuguard.supervisor.checkpoints import CHUNK, CheckpointCheck, complete_problem, ends_problem, precheck
 from gpuguard.supervisor.process import UserSpec
 
 _READ, _SEARCH = 4, 1  # the r and x bits of each class (owner, group, others)
@@ -142,6 +142,8 @@ def copy_validated(src_fd: int, tmp: Path) -> CheckpointCheck:
     src = os.fstat(src_fd)
     if (refused := precheck(src)) is not None:
         return refused
+    if (problem := ends_problem(src_fd)) is not None:  # no copy of what cannot be a checkpoint
+        return CheckpointCheck(False, problem, src.st_size, src.st_mtime, None)
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, src.st_mode & 0o777)
     try:
         if os.geteuid() == 0:

@@ -179,7 +179,8 @@ class SnapshotRing:
                 jobdir.mkdir(exist_ok=True)
                 jobdir.chmod(0o711)  # whatever the daemon's umask: the job reaches its files, lists none
                 copy = copy_validated(src_fd, tmp)
-                _hand_to(tmp, job_user)
+                if copy.ok:
+                    _hand_to(tmp, job_user)
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
                 reason = "disk full" if exc.errno in _DISK_FULL else f"copy failed: {exc.strerror or exc}"

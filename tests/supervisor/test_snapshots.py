@@ -93,7 +93,7 @@ def test_same_content_is_not_copied_again(ring: SnapshotRing, workdir: Path) -> 
 
 
 def test_the_file_last_taken_is_read_not_copied_and_a_broken_source_leaves_nothing(
-    ring: SnapshotRing, workdir: Path
+    ring: SnapshotRing, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     src = write_epoch(workdir, 1)
     first = ring.add("yolo", src, job_workdir=workdir)
@@ -103,6 +103,11 @@ def test_the_file_last_taken_is_read_not_copied_and_a_broken_source_leaves_nothi
 
     data = src.read_bytes()
     src.write_bytes(data[: len(data) // 2])  # a trainer killed mid-write
+
+    def no_copy(src_fd: int, dst_fd: int) -> tuple[str, int]:
+        raise AssertionError("a file without a zip end record was copied")
+
+    monkeypatch.setattr(snapshot_files, "copy_fd", no_copy)  # refused from its ends, a few KB read
     broken = ring.add("yolo", src, job_workdir=workdir)
     assert broken.snapshot is None and "zip" in broken.reason  # the copy's own check names the source's fault
     assert job_files(ring) == sorted([f"{first.snapshot.id}.pt", f"{first.snapshot.id}.json"])  # no half copy left
