@@ -112,6 +112,7 @@ class HostCopy:
         self._stepped = 0  # optimizer steps of any loader, counted under the step lock
         self._step_lock = threading.Lock()  # held by the trainer's thread inside a step
         self._mark: Mark | None = None
+        self._buffers: tuple[int, list[tuple[str, Any]]] | None = None  # (id of the model, its named buffers)
         self._last_step_at: float | None = None
         self._taken_at_step = -math.inf
         self._slots: list[Snapshot | None] = [None, None]
@@ -153,6 +154,7 @@ class HostCopy:
     def new_epoch(self) -> None:
         """Validation and the epoch-end save since the last step are no part of step time."""
         self._last_step_at = None
+        self._buffers = None  # looked up again once an epoch: cheap insurance against a rebuilt model
 
     def after_step(self, trainer: Any, meta: Callable[[], dict[str, Any]], allowed: bool = True) -> None:
         """Count the step; take a copy if `allowed`, one is due and the budget allows."""
@@ -168,7 +170,9 @@ class HostCopy:
             return
         started = time.perf_counter()
         model = getattr(trainer.model, "module", trainer.model)
-        written = {f"model/{name}": buffer.clone() for name, buffer in model.named_buffers()}
+        if self._buffers is None or self._buffers[0] != id(model):  # walking the module tree costs more than cloning
+            self._buffers = (id(model), [(f"model/{name}", buffer) for name, buffer in model.named_buffers()])
+        written = {name: buffer.clone() for name, buffer in self._buffers[1]}
         self._mark = Mark(
             trainer, {**meta(), **_small_state(trainer)}, written, self._steps, self._stepped, _record_event(trainer)
         )  # fmt: skip
@@ -313,9 +317,20 @@ def _sources(trainer: Any, grads: bool) -> tuple[list[tuple[str, Any, bool]], di
 def _small_state(trainer: Any) -> dict[str, Any]:
     """What a step changes beside the big tensors: random states, learning rates, EMA count, scaler."""
     return {
-        rng.KEY: rng.capture(trainer), "param_groups": copy.deepcopy(trainer.optimizer.state_dict()["param_groups"]),
+        rng.KEY: rng.capture(trainer), "param_groups": _param_groups(trainer.optimizer),
         "updates": int(trainer.ema.updates), "scaler": trainer.scaler.state_dict(),
     }  # fmt: skip
+
+
+def _param_groups(optimizer: Any) -> list[dict[str, Any]]:
+    """`optimizer.state_dict()["param_groups"]`, copied, without packing the whole optimizer state."""
+    index: dict[int, int] = {}
+    groups = []
+    for group in optimizer.param_groups:
+        packed = copy.deepcopy({k: v for k, v in group.items() if k != "params"})
+        packed["params"] = [index.setdefault(id(p), len(index)) for p in group["params"]]
+        groups.append(packed)
+    return groups
 
 
 def _copy_live(mark: Mark, out: list[Snapshot]) -> None:

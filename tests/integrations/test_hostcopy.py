@@ -197,3 +197,16 @@ def test_a_trainer_that_cannot_run_resumes_from_the_writer_thread_s_newest_copy(
     batches, per_epoch = trained_per_epoch(tmp_path / "trained.jsonl")
     images = sorted(p.name for p in (data_yaml.parent / "images" / "train").iterdir())
     assert batches == 8 and {e: sorted(n) for e, n in per_epoch.items()} == {0: images, 1: images}
+
+
+def test_the_marks_learning_rates_are_the_optimizer_s_own_state_dict_entries() -> None:
+    from gpuguard.integrations.hostcopy import _param_groups
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+    decay, no_decay = [model[0].weight], [model[0].bias, *model[1].parameters()]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}], lr=0.01)
+    opt.param_groups[0]["lr"] = 0.003  # warm-up moves it every batch
+    groups = _param_groups(opt)
+    assert groups == opt.state_dict()["param_groups"]
+    opt.param_groups[0]["lr"] = 0.5
+    assert groups[0]["lr"] == 0.003  # a copy, not the live dict
