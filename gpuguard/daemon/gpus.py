@@ -116,7 +116,7 @@ class Pool:
         if by != BY_GPUGUARD:
             with self.lock:
                 forgotten = bool(self.monitor.tracks[uuid].xids) or uuid in self.suspicion.suspects or uuid in self.probation
-                self.monitor.forget(uuid)
+                self.monitor.forget(uuid, time.time())
                 self.suspicion.forget(uuid)
                 self.probation.pop(uuid, None)
             changed = changed or forgotten
@@ -200,6 +200,7 @@ class Pool:
             if holders:
                 return ResetResult(False, f"refused: processes still hold the GPU (pids {', '.join(map(str, holders))})")
             self.resetting.add(uuid)
+        started = time.time()
         try:
             result = self._run_reset(info)
         finally:
@@ -207,7 +208,7 @@ class Pool:
                 self.resetting.discard(uuid)
         if result.ok:
             with self.lock:
-                self.monitor.clear_xids(uuid, {Action.RESET_GPU})
+                self.monitor.clear_xids(uuid, {Action.RESET_GPU}, before=started)
         self._record(
             Event(
                 kind=EventKind.GPU_RESET, severity=Severity.INFO if result.ok else Severity.ERROR, gpu=uuid,

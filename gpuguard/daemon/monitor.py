@@ -37,6 +37,11 @@ class GpuTrack:
     verdict: Verdict | None = None
     # (kind, xid, action) of the findings already turned into events
     reported: set[tuple[str, int | None, str]] = field(default_factory=set)
+    # Xids from before these times were dealt with (by a reset, for its actions; by an
+    # operator's include, for all): a late report of one, from the slower of the two
+    # sources, is no new fault
+    dealt_before: dict[Action, float] = field(default_factory=dict)
+    forgotten_before: float | None = None
 
 
 class Monitor:
@@ -74,6 +79,8 @@ class Monitor:
         if uuid is None or uuid not in self.tracks:
             return None
         track = self.tracks[uuid]
+        if self._dealt_with(track, obs):
+            return None
         for seen in track.xids:
             window = SAME_SOURCE_DEDUP_S if seen.source == obs.source else CROSS_SOURCE_DEDUP_S
             if seen.xid == obs.xid and abs(seen.timestamp - obs.timestamp) <= window:
@@ -115,20 +122,30 @@ class Monitor:
             while track.history and snap.timestamp - track.history[0].timestamp > HISTORY_S:
                 track.history.popleft()
 
-    def forget(self, uuid: str) -> None:
+    def forget(self, uuid: str, now: float) -> None:
         """An operator says the GPU is fine: forget its remembered Xids and what was
         reported, so only what NVML and the kernel report from now on counts."""
         track = self.tracks[uuid]
         track.xids = []
         track.reported = set()
+        track.forgotten_before = now
 
-    def clear_xids(self, uuid: str, actions: set[Action]) -> None:
-        """Forget active Xids whose action was carried out (e.g. after a reset)."""
+    def clear_xids(self, uuid: str, actions: set[Action], before: float) -> None:
+        """Forget active Xids whose action was carried out (e.g. by a reset that began at
+        `before`), and ignore any report of one from before then that comes in late."""
         track = self.tracks[uuid]
         track.xids = [x for x in track.xids if self._xid_action(track, x) not in actions]
+        for action in actions:
+            track.dealt_before[action] = before
         # Xids that stay active were reported already: only the cleared ones may be news again
         cleared = {action.value for action in actions}
         track.reported = {key for key in track.reported if key[0] != "xid" or key[2] not in cleared}
+
+    def _dealt_with(self, track: GpuTrack, obs: XidObservation) -> bool:
+        if track.forgotten_before is not None and obs.timestamp < track.forgotten_before:
+            return True
+        before = track.dealt_before.get(self._xid_action(track, obs))
+        return before is not None and obs.timestamp < before
 
     @staticmethod
     def _xid_action(track: GpuTrack, obs: XidObservation) -> Action:

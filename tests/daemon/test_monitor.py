@@ -146,7 +146,7 @@ def test_clear_xids_after_reset_makes_gpu_healthy_again(monitor: Monitor) -> Non
     monitor.observe_xid(xid(13))
     assert monitor.evaluate(T0 + 1) == []
     assert monitor.verdict(GPU1.uuid).state == GpuState.FAULTED  # type: ignore[union-attr]
-    monitor.clear_xids(GPU1.uuid, {Action.RESET_GPU})
+    monitor.clear_xids(GPU1.uuid, {Action.RESET_GPU}, before=T0 + 1.5)
     assert [x.xid for x in monitor.tracks[GPU1.uuid].xids] == [13]
     events = monitor.evaluate(T0 + 2)
     assert kinds(events) == [("gpu_recovered", GPU1.uuid)]
@@ -157,9 +157,29 @@ def test_clear_xids_does_not_report_remaining_xids_again(monitor: Monitor) -> No
     monitor.observe_xid(xid(48))
     monitor.observe_xid(xid(79))
     monitor.evaluate(T0 + 1)
-    monitor.clear_xids(GPU1.uuid, {Action.RESET_GPU})
+    monitor.clear_xids(GPU1.uuid, {Action.RESET_GPU}, before=T0 + 1.5)
     assert monitor.evaluate(T0 + 2) == []  # Xid 79 was reported already
     assert monitor.verdict(GPU1.uuid).action == Action.REBOOT_NODE  # type: ignore[union-attr]
+
+
+def test_a_late_report_of_an_xid_from_before_the_reset_is_no_new_fault(monitor: Monitor) -> None:
+    """NVML's event and the kernel log report one Xid; the slower one can come in after the reset
+    it led to. A fresh Xid after the reset counts again, from either source."""
+    assert monitor.observe_xid(xid(95, ts=T0 + 1, source="nvml", pci=None, uuid=GPU1.uuid)) is not None
+    monitor.evaluate(T0 + 1)
+    monitor.clear_xids(GPU1.uuid, {Action.RESET_GPU}, before=T0 + 2)  # the reset began at T0 + 2
+    assert monitor.observe_xid(xid(95, ts=T0 + 1)) is None  # the kernel log's line of the same Xid, late
+    monitor.evaluate(T0 + 3)
+    assert monitor.verdict(GPU1.uuid).state == GpuState.HEALTHY  # type: ignore[union-attr]
+    assert monitor.observe_xid(xid(79, ts=T0 + 1)) is not None  # not the reset's to deal with: still news
+    assert monitor.observe_xid(xid(95, ts=T0 + 4)) is not None  # the fault came back after the reset
+
+
+def test_after_an_operator_s_include_only_xids_from_then_on_count(monitor: Monitor) -> None:
+    monitor.observe_xid(xid(79, ts=T0 + 1))
+    monitor.forget(GPU1.uuid, T0 + 5)
+    assert monitor.observe_xid(xid(79, ts=T0 + 1, source="nvml", pci=None, uuid=GPU1.uuid)) is None
+    assert monitor.observe_xid(xid(79, ts=T0 + 6)) is not None
 
 
 # --- findings from snapshots --------------------------------------------
