@@ -154,6 +154,8 @@ def test_a_stalled_client_never_blocks_others_and_is_dropped(tmp_path: Path) -> 
                 assert request(path, "check", {}, timeout_s=request_timeout_s)["status"] == "healthy"
             answered = time.monotonic() - started
             assert answered < request_timeout_s / 2, answered  # well before the stalled ones are dropped
+            for sock in (silent, trickle):
+                sock.settimeout(request_timeout_s * 3)  # connect()'s 5 s would end the wait before the drop
             assert silent.recv(10) == b""  # dropped at its deadline, without a reply
             assert trickle.recv(10) == b""
             assert time.monotonic() - started < request_timeout_s * 3
