@@ -6,7 +6,9 @@ the same way. Each batch end appends `UNIX_TIME PID EPOCH BATCH` (1-based) to
 $BENCH_BATCH_LOG. When $BENCH_FAULT_AT is `EPOCH:BATCH` and $BENCH_FAULT_FILE
 does not exist yet, the trainer waits at that batch end until the benchmark
 has injected the fault and created the file: the fault then lands exactly
-there, whatever the benchmark's polling delay.
+there, whatever the benchmark's polling delay. With $BENCH_STUCK=1 it then
+(attempt 1 only) stays there for good, in `time.sleep` (a C call that releases the GIL, as a
+call into a GPU that is gone does): a trainer that can no longer answer.
 
 Run as a script it is `gpuguard-yolo train ...` with this callback added:
     python bench/batchlog.py KEY=VALUE ...
@@ -54,6 +56,9 @@ class BatchLog:
             deadline = time.monotonic() + 120
             while not self.fault_file.exists() and time.monotonic() < deadline:
                 time.sleep(0.005)
+            # the resumed attempt counts its batches from its resume point: it may pass here again
+            while os.environ.get("BENCH_STUCK") == "1" and os.environ.get("GPUGUARD_ATTEMPT") == "1":
+                time.sleep(3600)
 
 
 def attach_log(model: Any, log: BatchLog) -> None:

@@ -4,10 +4,12 @@ The same real tiny YOLO training (yolov8n, 96 train images at 64 px, batch 8:
 12 batches an epoch, 3 epochs, CPU) meets the same GPU fault in the middle of
 epoch 2, after batch FAULT_BATCH, under five set-ups:
 
-- gpuguard: a gpuguard job (`gpuguardd --simulate 2`); the fault is Xid 79
-  injected on the job's GPU through the kernel-log path. gpuguard asks for a
-  checkpoint, the trainer saves at its next batch end and exits 75, gpuguard
-  restarts it on the other GPU from that checkpoint.
+- gpuguard: a gpuguard job (`gpuguardd --simulate 2`); the fault is Xid 48
+  (a double-bit ECC error: the GPU must be reset but still runs the trainer's
+  calls) injected on the job's GPU. gpuguard asks for a checkpoint, the
+  trainer saves at its next batch end and exits 75, gpuguard restarts it on
+  the other GPU from that checkpoint. (Xid 79 would say the GPU is gone: the
+  trainer's rescue thread would then not wait for it to answer.)
 - baseline: bench/baseline/train_retry.py (resume from last.pt when it
   exists; Ultralytics saves it once per epoch) under retry_loop.sh (restart
   on a non-zero exit). What a real Xid 79 does to such a trainer is a crash
@@ -160,11 +162,13 @@ class Gpuguard:
         return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
 
     def measure(
-        self, hung: bool, save_every_s: float | None = None, flags: tuple[str, ...] = (), before_fault: Callable[[], None] | None = None
+        self, hung: bool, save_every_s: float | None = None, flags: tuple[str, ...] = (),
+        before_fault: Callable[[], None] | None = None, xid: int = 79, stuck: bool = False,
     ) -> Result:
-        """flags: more `gpuguardctl run` flags; before_fault: called at the fault batch, before the fault."""
+        """flags: more `gpuguardctl run` flags; before_fault: called at the fault batch, before the fault;
+        stuck: the trainer's main thread blocks at the fault batch for good (batchlog.py), before the fault."""
         wait(lambda: self.socket.exists(), "gpuguardd", 30)
-        env = [f"{k}={v}" for k, v in bench_env(self.run).items()]
+        env = [f"{k}={v}" for k, v in (bench_env(self.run) | ({"BENCH_STUCK": "1"} if stuck else {})).items()]
         periodic = ["--save-every-s", f"{save_every_s:g}"] if save_every_s else []
         self.ctl(
             "run", "--name", "yolo", "--workdir", str(self.run), *flags, "--",
@@ -182,7 +186,9 @@ class Gpuguard:
         t_fault = time.time()
         if hung:
             os.kill(pid, signal.SIGSTOP)
-        request(self.socket, "inject", {"gpu": str(index), "fault": "xid", "value": "79"})  # no CLI start-up in the way
+        if stuck:  # the GPU dies under the trainer: stuck first, then the driver reports it
+            (self.run / "fault").touch()
+        request(self.socket, "inject", {"gpu": str(index), "fault": "xid", "value": str(xid)})  # no CLI start-up in the way
         (self.run / "fault").touch()
         t_first, epoch = wait(lambda: first_resumed(log, pid), "the first batch after the resume", 120)
         events = request(self.socket, "events", {"limit": 200})
@@ -280,7 +286,7 @@ def one_run(setup: str, tmp: Path, data: Path, n: int) -> Result | Baseline:
     if setup.startswith("gpuguard"):
         gg = Gpuguard(run, data)
         try:
-            return gg.measure(hung, PERIODIC_S if setup.endswith("-periodic") else None)
+            return gg.measure(hung, PERIODIC_S if setup.endswith("-periodic") else None, xid=79 if hung else 48)
         finally:
             gg.close()
     base = Baseline(run, data)
@@ -302,7 +308,7 @@ def watched(base: Baseline, hung_wait_s: float) -> Result:
 
 
 SETUPS = {
-    "gpuguard": "gpuguard (Xid 79, trainer responds)",
+    "gpuguard": "gpuguard (Xid 48, trainer responds)",
     "baseline": "baseline (Xid 79 = trainer crash)",
     "gpuguard-hung": "gpuguard (Xid 79, trainer hung)",
     "gpuguard-hung-periodic": f"gpuguard (Xid 79, trainer hung, --save-every-s {PERIODIC_S:g})",

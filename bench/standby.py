@@ -1,14 +1,21 @@
 """Warm standby: time from a GPU fault to the resumed attempt's first batch, side by side.
 
-The training, the fault and the counting are bench/resume.py's (imported from
-there): yolov8n, 96 train images at 64 px, batch 8, 3 epochs on the CPU, Xid 79
-injected on the job's GPU after batch 6 of epoch 2 (the trainer held there
-until the fault is in place). Three set-ups, interleaved run by run:
+The training and the counting are bench/resume.py's (imported from there):
+yolov8n, 96 train images at 64 px, batch 8, 3 epochs on the CPU, a fault on
+the job's GPU after batch 6 of epoch 2 (the trainer held there until the
+fault is in place). Four set-ups, interleaved run by run:
 
 - gpuguard + standby: `gpuguardctl run --standby`; the fault is injected once
   the standby has logged that it is ready (it starts at the attempt's first
-  heartbeat, so it is ready long before epoch 2 here);
-- gpuguard: the same job without a standby (as bench/resume.py's "gpuguard");
+  heartbeat, so it is ready long before epoch 2 here). Xid 48 (a double-bit
+  ECC error: the GPU must be reset, but still runs the trainer's calls), so
+  the trainer answers: it ends its batch, saves and exits 75;
+- gpuguard + standby, stuck trainer: the same, but the GPU dies under the
+  trainer: its main thread blocks for good at the fault batch (in a call that
+  releases the GIL, as a CUDA call on a GPU that is gone does), then Xid 79
+  (fallen off the bus) is injected; gpuguard's fault note says the GPU is
+  gone, so the rescue thread writes the last step's state at once;
+- gpuguard: the answering job without a standby (Xid 48);
 - retry loop: bench/baseline's loop, the trainer SIGKILLed at the fault.
 
 Also measured, per standby run: the standby's resident memory (its wrapper
@@ -42,7 +49,13 @@ from gpuguard.config import JobsConfig  # noqa: E402
 from gpuguard.control.client import request  # noqa: E402
 from gpuguard.integrations.standby import READY  # noqa: E402
 
-SETUPS = {"standby": "gpuguard + standby", "gpuguard": "gpuguard, no standby", "baseline": "retry loop (SIGKILL at the fault)"}
+SETUPS = {
+    "standby": "gpuguard + standby (Xid 48, trainer answers)",
+    "standby-stuck": "gpuguard + standby (Xid 79, trainer stuck)",
+    "gpuguard": "gpuguard, no standby (Xid 48)",
+    "baseline": "retry loop (SIGKILL at the fault)",
+}
+ANSWERED_XID, GONE_XID = 48, 79
 
 
 @dataclass
@@ -80,13 +93,17 @@ class Standby:
         self.cpu_s = sum(sum(p.cpu_times()[:2]) for p in procs)
 
 
-def gpuguard_run(tmp: Path, data: Path, n: int, standby: bool) -> Run:
-    run = tmp / f"{'standby' if standby else 'gpuguard'}-{n}"
+def gpuguard_run(tmp: Path, data: Path, n: int, setup: str) -> Run:
+    run = tmp / f"{setup}-{n}"
     run.mkdir()
     gg = Gpuguard(run, data)
+    standby, stuck = setup.startswith("standby"), setup.endswith("-stuck")
     watch = Standby(run, gg.socket) if standby else None
     try:
-        result = gg.measure(False, flags=("--standby",) if standby else (), before_fault=watch)
+        result = gg.measure(
+            False, flags=("--standby",) if standby else (), before_fault=watch,
+            xid=GONE_XID if stuck else ANSWERED_XID, stuck=stuck,
+        )  # fmt: skip
     finally:
         gg.close()
     return Run(result, epoch1(run / "batches.log"), watch.rss_mb if watch else None, watch.cpu_s if watch else None)
@@ -133,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                     assert isinstance(outcome, Result)
                     done = Run(outcome)
                 else:
-                    done = gpuguard_run(tmp, data, n, setup == "standby")
+                    done = gpuguard_run(tmp, data, n, setup)
                 runs[setup].append(done)
                 print(f"run {n + 1} {setup}: total {done.result.phases.get('total')}, rss {done.rss_mb}", file=sys.stderr, flush=True)
     available = psutil.virtual_memory().available / 2**20

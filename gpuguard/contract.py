@@ -28,6 +28,9 @@ CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 # waits until gpuguard writes the hand-over file named here, then trains
 ENV_STANDBY = "GPUGUARD_STANDBY"  # "1" while it waits
 ENV_STANDBY_FILE = "GPUGUARD_STANDBY_FILE"
+# why gpuguard asks for a checkpoint: a JSON note it writes before the checkpoint
+# signal (gpuguard/fault.py), so a trainer on a GPU that is gone does not wait for itself
+ENV_FAULT_FILE = "GPUGUARD_FAULT_FILE"
 # torchrun's agent forwards these signals to its workers (docs/DDP.md)
 ENV_TORCHRUN_SIGNALS = "PET_SIGNALS_TO_HANDLE"
 

@@ -63,7 +63,7 @@ def test_run_help_explains_name_restarts_handshake_and_variables() -> None:
     assert "--max-restarts N give up (job failed) after N crash restarts" in text
     assert "The checkpoint handshake:" in text and "Exit 75 (EX_TEMPFAIL)" in text and "SIGKILL" in text
     variables = [v for k, v in vars(contract).items() if k.startswith("ENV_") and k not in ("ENV_PREFIX", "ENV_SOCKET")]
-    assert len(variables) == 9
+    assert len(variables) == 10
     for name in [*variables, "CUDA_VISIBLE_DEVICES"]:
         assert f" {name} " in text, name
 

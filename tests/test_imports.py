@@ -139,12 +139,13 @@ def test_no_import_cycle() -> None:
 
 
 def test_the_job_side_imports_only_the_contract() -> None:
-    """gpuguard/integrations/ runs in the trainer: it may use the contract's names, nothing of the daemon."""
+    """gpuguard/integrations/ runs in the trainer: it may use the contract's names and the job's
+    stdlib helpers (job.py, fault.py), nothing of the daemon."""
     wrong = [
         f"{path.name} imports {dep}"
         for path in sorted((ROOT / "integrations").glob("*.py"))
         for dep in gpuguard_imports(path)
-        if not dep.startswith(("gpuguard.integrations", "gpuguard.contract", "gpuguard.job"))
+        if not dep.startswith(("gpuguard.integrations", "gpuguard.contract", "gpuguard.job", "gpuguard.fault"))
     ]
     assert wrong == []
 
@@ -171,3 +172,16 @@ def test_daemon_modules_do_not_import_torch_or_ultralytics() -> None:
     result = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+def test_the_job_helpers_need_only_the_standard_library() -> None:
+    """job.py and fault.py are imported by any trainer, without the daemon's dependencies."""
+    wrong = [
+        f"{name} imports {dep}"
+        for name in ("job.py", "fault.py", "contract.py")
+        for node in ast.walk(ast.parse((ROOT / name).read_text()))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for dep in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])
+        if dep.split(".")[0] not in sys.stdlib_module_names and dep not in ("gpuguard", "gpuguard.contract")
+    ]
+    assert wrong == []

@@ -37,6 +37,9 @@ JOB_VARIABLES: tuple[tuple[str, str], ...] = (
     (contract.ENV_HEARTBEAT, "a file the job may touch to show progress"),
     (contract.ENV_CHECKPOINT_FILE, "a file where the job may write the path of its newest checkpoint, "
                                    "when it is not the --checkpoint one"),
+    (contract.ENV_FAULT_FILE, "a JSON note gpuguard writes before the checkpoint signal: why, the GPU, and whether "
+                              "that GPU is gone (then the job cannot finish its batch: save what you have now); "
+                              "gpuguard.fault.read() reads it"),
     (contract.ENV_TORCHRUN_SIGNALS, "set for torchrun, so that it passes the checkpoint signal on to its workers"),
     (contract.ENV_STANDBY, "1 in a warm standby (run --standby) until it is handed its GPUs; "
                            "CUDA_VISIBLE_DEVICES is empty and GPUGUARD_ATTEMPT unset until then"),

@@ -236,13 +236,16 @@ class HostCopy:
             self._held = self._latest
             return self._held
 
-    def live(self, timeout: float) -> Snapshot | None:
+    def live(self, timeout: float, lock_timeout: float | None = None, gpu_gone: bool = False) -> Snapshot | None:
         """For the rescue of a stuck trainer: its state as of its last step, copied from the live tensors.
 
         None when no mark is newer than the newest copy, when the trainer's thread is inside a step (the
-        lock not free within `timeout`), or when the copy does not finish within `timeout`."""
+        lock not free within `lock_timeout`, default `timeout`), when the copy does not finish within
+        `timeout`, or when the tensors are on a GPU that is gone (nothing can be read from it)."""
         mark = self._mark
-        if mark is None or not self._step_lock.acquire(timeout=timeout):
+        if mark is None or (gpu_gone and mark.event is not None):
+            return None
+        if not self._step_lock.acquire(timeout=timeout if lock_timeout is None else lock_timeout):
             return None
         try:
             if mark.stepped != self._stepped:

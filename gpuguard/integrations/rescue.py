@@ -5,7 +5,9 @@ trainer stuck inside a CUDA call on a GPU that is gone never runs it. The
 writer thread therefore learns of the checkpoint signal from the C level:
 `signal.set_wakeup_fd` makes the interpreter's own C handler write the signal
 number into a pipe, in whatever thread the signal lands. On the signal it
-waits for the trainer to answer (at its next batch end the trainer takes a
+reads gpuguard's fault note (gpuguard/fault.py): when the trainer's GPU is
+gone, nothing the trainer does on it can finish, so it rescues at once, as
+below. Otherwise it waits for the trainer to answer (at its next batch end the trainer takes a
 fresh host copy and hands it over through the same pipe); if the trainer
 shows no progress (no callback) for `bound_s`, it writes the state of the
 trainer's last optimizer step itself (copied from the live tensors when the
@@ -33,6 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from gpuguard import fault
 from gpuguard.contract import EX_TEMPFAIL
 from gpuguard.integrations.atomic import replacing, write_bytes_atomic
 from gpuguard.integrations.exact import STATE_KEY
@@ -46,6 +49,7 @@ RESCUE_SUFFIX = ".rescue"  # its temp file, when the trainer is stuck holding th
 HANDOFF = 0  # a pipe byte no signal has: the trainer handed over a snapshot to write
 RESCUE_MIN_S = 2.0  # never call the trainer stuck sooner than this...
 RESCUE_FACTOR = 3.0  # ...or than this many times the longest pause between its callbacks so far
+GONE_LOCK_S = 0.25  # GPU gone: how long a trainer inside a step (or a copy in flight) is waited for
 # The default periodic interval adapts to what a write costs: the writer thread busy at most
 # SAVE_SHARE of the time, but never more often than SAVE_MIN_S nor less than SAVE_MAX_S.
 SAVE_SHARE, SAVE_MIN_S, SAVE_MAX_S = 0.01, 30.0, 600.0
@@ -177,14 +181,19 @@ class Rescuer:
             self.hostcopy.release()
 
     def _requested(self) -> None:
-        """Wait for the trainer to answer; write the host copy if it has stopped making progress."""
+        """Wait for the trainer to answer; write the host copy if it has stopped making progress.
+
+        When gpuguard's fault note says the GPU is gone, the trainer cannot answer: no waiting."""
+        note = fault.read()
+        if note is not None and note.gpu_lost and self._rescue(f"GPU {note.gpu} is gone ({note.reason})", gone=True):
+            return
         while not self._standing_down:
             ready, _, _ = select.select([self._read], [], [], 0.05)
             if ready and HANDOFF in os.read(self._read, 512):
                 self._write_handed()
                 return
             stalled = time.monotonic() - self.progress.last
-            if stalled > self.progress.bound_s() and self._rescue(stalled):
+            if stalled > self.progress.bound_s() and self._rescue(f"main thread stuck (no progress for {stalled:.1f}s)"):
                 return
 
     def _write_handed(self) -> None:
@@ -194,11 +203,12 @@ class Rescuer:
                 self._write_snapshot(snap)
         self._done.set()
 
-    def _rescue(self, stalled: float) -> bool:
-        """The trainer is stuck: write its last step's state and leave. False if there is none yet."""
-        snap = self.hostcopy.live(timeout=self.progress.bound_s()) or self.hostcopy.hold_latest(
-            timeout=self.progress.bound_s()
-        )
+    def _rescue(self, why: str, gone: bool = False) -> bool:
+        """The trainer is stuck (or its GPU `gone`): write its last step's state and leave. False if
+        there is none yet. With the GPU gone, a trainer inside a step is not waited for long."""
+        bound = self.progress.bound_s()
+        snap = self.hostcopy.live(bound, lock_timeout=GONE_LOCK_S if gone else None, gpu_gone=gone)
+        snap = snap or self.hostcopy.hold_latest(timeout=GONE_LOCK_S if gone else bound)
         if snap is None:
             return False
         locked = WRITE_LOCK.acquire(timeout=self.progress.bound_s())
@@ -218,9 +228,7 @@ class Rescuer:
         if self.checkpoint_file is not None:
             write_bytes_atomic(self.checkpoint_file, f"{self.target.resolve()}\n".encode())
         log.info(
-            "main thread stuck (no progress for %.1fs) after a checkpoint request: checkpoint at %s (%s); "
-            "leaving with %d",
-            stalled, where, self.target, EX_TEMPFAIL,
+            "%s after a checkpoint request: checkpoint at %s (%s); leaving with %d", why, where, self.target, EX_TEMPFAIL
         )
         exit_now(EX_TEMPFAIL)
         return True  # not reached

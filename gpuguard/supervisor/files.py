@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpuguard import contract
+from gpuguard.durable import write_all
 from gpuguard.supervisor.job import Job
+from gpuguard.supervisor.process import UserSpec
 
 
 SLOTS = (0, 1)  # exit-status slots: an attempt and its warm standby, in turn
@@ -43,6 +45,11 @@ class JobFiles:
         """Where the standby of `slot` is told to start (GPUGUARD_STANDBY_FILE): in the
         daemon's 0711 directory, so the job can read it by name but plant nothing there."""
         return self.jobs_dir / name / f"handover.{slot}"
+
+    def fault_note(self, name: str) -> Path:
+        """Why the job is asked to checkpoint (GPUGUARD_FAULT_FILE, gpuguard/fault.py): beside the
+        hand-over, for the same reason; one per job (the attempt inside tells whose it is)."""
+        return self.jobs_dir / name / "fault"
 
     def prepare(self, job: Job) -> None:
         """The job's directories, its runtime dir owned by its user (it writes there).
@@ -86,6 +93,7 @@ def job_env(job: Job, files: JobFiles, checkpoint_signal: str, resume: str | Non
         contract.ENV_CHECKPOINT_SIGNAL: checkpoint_signal,
         contract.ENV_HEARTBEAT: str(files.heartbeat(job.name)),
         contract.ENV_CHECKPOINT_FILE: str(files.checkpoint_file(job.name)),
+        contract.ENV_FAULT_FILE: str(files.fault_note(job.name)),
     }
     if resume:
         env[contract.ENV_RESUME_FROM] = resume
@@ -93,3 +101,48 @@ def job_env(job: Job, files: JobFiles, checkpoint_signal: str, resume: str | Non
     # told to handle it, its agent passes it on to every worker (docs/DDP.md)
     env.setdefault(contract.ENV_TORCHRUN_SIGNALS, f"SIGTERM,SIGINT,SIGHUP,SIGQUIT,{checkpoint_signal}")
     return env
+
+
+def write_for_job(path: Path, data: bytes, user: UserSpec | None) -> None:
+    """Write a file for the job atomically into the daemon's own directory (path's parent,
+    0711): a temp file made O_EXCL|O_NOFOLLOW through the directory's descriptor, readable
+    by the job's user only, then renamed into place. The job can neither list nor create
+    anything there, so nothing it planted is ever followed or written through."""
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        owner = os.fstat(dfd).st_uid
+        if owner != os.geteuid():
+            raise PermissionError(f"{path.parent} is owned by uid {owner}, not the daemon's")
+        tmp = f".{path.name}.tmp"
+        _unlink_at(tmp, dfd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        try:
+            if user is not None and os.geteuid() == 0:
+                os.fchown(fd, user.uid, user.gid)
+            os.fchmod(fd, 0o400)
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    finally:
+        os.close(dfd)
+
+
+def remove(path: Path) -> None:
+    """Remove a file written by write_for_job (never following a link in its directory); gone
+    already is fine."""
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        _unlink_at(path.name, dfd)
+    finally:
+        os.close(dfd)
+
+
+def _unlink_at(name: str, dfd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dfd)
+    except FileNotFoundError:
+        pass

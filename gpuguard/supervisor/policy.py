@@ -27,6 +27,12 @@ class Decision:
     node_hook: bool = False  # the node needs attention (reboot class)
     key: tuple[object, ...] = ()  # identifies the fault, so it is acted on once
 
+    @property
+    def gpu_lost(self) -> bool:
+        """The GPU runs nothing any more (a reboot-class fault: off the bus, lost to NVML), so a
+        job on it cannot finish its batch to answer: the fault note tells it (gpuguard/fault.py)."""
+        return self.node_hook
+
 
 def decide(gpus: Sequence[GpuFacts], *, migrate_on_degraded: bool, handled: frozenset[tuple[object, ...]]) -> Decision | None:
     """The strongest reaction any of the job's GPUs calls for, or None.

@@ -16,8 +16,9 @@ from typing import Any
 import structlog
 
 from gpuguard.events import Event, EventKind
+from gpuguard.fault import FaultNote
 from gpuguard.health.types import Action, GpuState, Severity
-from gpuguard.supervisor.files import JobFiles, job_env
+from gpuguard.supervisor.files import JobFiles, job_env, remove, write_for_job
 from gpuguard.supervisor.hang import Clock
 from gpuguard.supervisor.intake import CheckpointIntake
 from gpuguard.supervisor.job import Job
@@ -25,7 +26,7 @@ from gpuguard.supervisor.placement import free_gpus, pick_gpus
 from gpuguard.supervisor.policy import Decision, Reaction, app_xid_key, backoff_s
 from gpuguard.supervisor.ports import Facts, GpuFacts, Ports, Settings
 from gpuguard.supervisor.exits import FAULT, ExitHandling
-from gpuguard.supervisor.process import StopResult, spawn
+from gpuguard.supervisor.process import StopResult, UserSpec, spawn
 from gpuguard.supervisor.remote import StoredFetch
 from gpuguard.supervisor.requeue import HandOff
 from gpuguard.supervisor.standby import Standbys
@@ -221,14 +222,17 @@ class JobRunner(ExitHandling):
             f"job {job.name}: GPU {self.index(decision.gpu)} {decision.reason}: checkpoint, then {_WHAT[decision.reaction]}",
             gpu=decision.gpu,
         )
-        self.begin_stop(job, "restart", decision.reason, checkpoint=True)
+        self.begin_stop(job, "restart", decision.reason, checkpoint=True, gpu=decision.gpu, gpu_lost=decision.gpu_lost)
         return True
 
     # --- stopping -------------------------------------------------------
     def begin_stop(
-        self, job: Job, after: str, reason: str, *, checkpoint: bool, grace_s: float | None = None, term_timeout_s: float | None = None
+        self, job: Job, after: str, reason: str, *, checkpoint: bool, grace_s: float | None = None,
+        term_timeout_s: float | None = None, gpu: str | None = None, gpu_lost: bool = False,
     ) -> None:
-        """Run the contract's stop sequence on a worker thread; the caller has moved the state."""
+        """Run the contract's stop sequence on a worker thread; the caller has moved the state.
+
+        Before a checkpoint signal the job's fault note says why, and whether `gpu` is gone."""
         assert job.rt.proc is not None
         proc = job.rt.proc
         settings = self.settings
@@ -252,7 +256,12 @@ class JobRunner(ExitHandling):
                     if job.state == JobState.CHECKPOINTING:
                         self.move(job, JobEvent.TERMINATING)
 
+        note = FaultNote(job.attempt.number, reason, gpu, gpu_lost) if sig is not None else None
+        user = job.spec.user
+
         def run() -> None:
+            if note is not None:
+                self._write_note(job.name, note, user)
             result = proc.stop(sig, grace, term, on_phase)
             # the checkpoint it may just have written is copied here, off the tick and its
             # locks; finish_stop's own ingest then finds it in the ring (a stat)
@@ -265,6 +274,14 @@ class JobRunner(ExitHandling):
         job.rt.stopping.start()
         self.persist(job)
 
+    def _write_note(self, name: str, note: FaultNote, user: UserSpec | None) -> None:
+        """The fault note, off the tick; one that cannot be written (a full disk) only costs the
+        job the hint: the checkpoint signal goes out all the same."""
+        try:
+            write_for_job(self.files.fault_note(name), note.encode(), user)
+        except OSError as exc:
+            log.warning("fault_note_not_written", job=name, error=str(exc))
+
     def finish_stop(self, job: Job) -> None:
         result = job.rt.stop_result or StopResult(None, None, (), ())
         code = result.returncode
@@ -276,6 +293,10 @@ class JobRunner(ExitHandling):
         if job.state == JobState.CHECKPOINTING:  # it ended during the grace
             job.attempt.state = transition(job.state, JobEvent.TERMINATING)
         job.attempt.exit_code = code
+        try:
+            remove(self.files.fault_note(job.name))  # the next attempt must not read this one's
+        except OSError as exc:  # the note's attempt number still tells it apart
+            log.warning("fault_note_not_removed", job=job.name, error=str(exc))
         self._vacate(job)
         self.intake.ingest(job)
         for uuid in job.attempt.pending_resets:

@@ -22,7 +22,6 @@ job that ends ends its standby; a daemon restart ends one found from before
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -35,7 +34,7 @@ from gpuguard import contract
 from gpuguard.events import EventKind
 from gpuguard.health.types import Severity
 from gpuguard.job import HANDED_OVER
-from gpuguard.supervisor.files import job_env
+from gpuguard.supervisor.files import job_env, remove, write_for_job
 from gpuguard.supervisor.job import Job
 from gpuguard.supervisor.policy import backoff_s
 from gpuguard.supervisor.process import JobProcess, UserSpec, spawn
@@ -190,47 +189,5 @@ class Standbys:
 
 
 def write_handover(path: Path, told: dict[str, str], user: UserSpec | None) -> None:
-    """Write the hand-over atomically into the daemon's own directory (path's parent,
-    root 0711): a temp file made O_EXCL|O_NOFOLLOW through the directory's descriptor,
-    readable by the job's user only, then renamed into place. The job can neither list
-    nor create anything there, so nothing it planted is ever followed or written through."""
-    data = json.dumps(told).encode()
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        owner = os.fstat(dfd).st_uid
-        if owner != os.geteuid():
-            raise PermissionError(f"{path.parent} is owned by uid {owner}, not the daemon's")
-        tmp = f".{path.name}.tmp"
-        _unlink_at(tmp, dfd)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
-        try:
-            if user is not None and os.geteuid() == 0:
-                os.fchown(fd, user.uid, user.gid)
-            os.fchmod(fd, 0o400)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        os.rename(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
-    finally:
-        os.close(dfd)
-
-
-def remove(path: Path) -> None:
-    """Remove an old hand-over (never following a link in its directory); gone already is fine."""
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    try:
-        _unlink_at(path.name, dfd)
-    finally:
-        os.close(dfd)
-
-
-def _unlink_at(name: str, dfd: int) -> None:
-    try:
-        os.unlink(name, dir_fd=dfd)
-    except FileNotFoundError:
-        pass
+    """The hand-over, written as files.write_for_job writes (the job cannot plant anything there)."""
+    write_for_job(path, json.dumps(told).encode(), user)

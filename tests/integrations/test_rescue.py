@@ -9,6 +9,7 @@ never gets to act) or answers the checkpoint signal at its next "batch end".
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from typing import Any
 import pytest
 
 from harness import wait_until
+from gpuguard import contract
+from gpuguard.fault import FaultNote
 from gpuguard.integrations.exact import read_state
 
 EX_TEMPFAIL = 75
@@ -57,6 +60,7 @@ def step(n):
     torch.save({"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict()}, out / f"at-step-{n}.pt")
 for n in range(1, steps + 1):
     step(n)
+progress.longest = max(progress.longest, float(os.environ.get("LONGEST", "0")))  # a slow trainer's bound
 (out / "ready").touch()
 if mode == "stuck":
     trainer.model(torch.randn(4, 3, 8, 8))  # the next batch's forward: BatchNorm statistics move on
@@ -77,13 +81,13 @@ exit_now(75)
 
 
 def start(
-    tmp_path: Path, mode: str, save_every_s: float = 0, steps: int = 3, budget: float = float("inf")
+    tmp_path: Path, mode: str, save_every_s: float = 0, steps: int = 3, budget: float = float("inf"), **env: str
 ) -> subprocess.Popen[str]:
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     log = (tmp_path / "child.log").open("w")
     argv = [sys.executable, str(script), str(tmp_path), mode, str(save_every_s), str(steps), str(budget)]
-    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env})
 
 
 def ready(tmp_path: Path, proc: subprocess.Popen[str]) -> None:
@@ -165,3 +169,38 @@ def test_periodic_checkpoints_are_written_while_the_main_thread_is_stuck(tmp_pat
     proc.kill()
     proc.wait(timeout=30)
     assert exact_matches(tmp_path / "last.pt", tmp_path / "at-step-3.pt")
+
+
+def noted(tmp_path: Path, gpu_lost: bool, attempt: int = 1) -> dict[str, str]:
+    """The child's environment with gpuguard's fault note written for attempt 1."""
+    path = tmp_path / "fault"
+    path.write_bytes(FaultNote(attempt, "GPU is lost: reboot the node", "GPU-a", gpu_lost).encode())
+    return {contract.ENV_FAULT_FILE: str(path), contract.ENV_ATTEMPT: "1", "LONGEST": "1000"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("mode", "step", "source"), [("stuck", 5, "the live state"), ("stuck-in-step", 3, "the host copy")])
+def test_a_trainer_whose_gpu_is_gone_is_rescued_without_waiting(tmp_path: Path, mode: str, step: int, source: str) -> None:
+    """Its longest pause so far (1000 s) would make the rescue wait 3000 s to call it stuck: the
+    note that its GPU is gone makes it rescue at once, with the same state as a stuck trainer's."""
+    proc = start(tmp_path, mode, steps=5, budget=1e-9, **noted(tmp_path, gpu_lost=True))
+    ready(tmp_path, proc)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=60) == EX_TEMPFAIL
+    log = (tmp_path / "child.log").read_text()
+    assert "GPU GPU-a is gone (GPU is lost: reboot the node)" in log, log
+    assert f"checkpoint at epoch 2 batch {step}/9 from {source}" in log, log
+    assert exact_matches(tmp_path / "last.pt", tmp_path / f"at-step-{step}.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("gpu_lost", "attempt"), [(False, 1), (True, 2)])
+def test_a_trainer_whose_gpu_still_runs_is_waited_for(tmp_path: Path, gpu_lost: bool, attempt: int) -> None:
+    """A note that does not say the GPU is gone (or is another attempt's) changes nothing: the
+    trainer answers with its own next step."""
+    proc = start(tmp_path, "answer", **noted(tmp_path, gpu_lost, attempt))
+    ready(tmp_path, proc)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=60) == EX_TEMPFAIL
+    assert "is gone" not in (tmp_path / "child.log").read_text()
+    assert exact_matches(tmp_path / "last.pt", tmp_path / "at-step-4.pt")

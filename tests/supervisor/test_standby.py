@@ -24,7 +24,8 @@ from gpuguard import job as client
 from gpuguard.events import EventKind
 from gpuguard.supervisor.job import Job
 from gpuguard.supervisor.process import JobProcess
-from gpuguard.supervisor.standby import remove, write_handover
+from gpuguard.supervisor.files import remove
+from gpuguard.supervisor.standby import write_handover
 from gpuguard.supervisor.states import JobState
 from gpuguard.supervisor.supervisor import Supervisor
 
