@@ -11,7 +11,8 @@ copy is never torn. Two host slots: a checkpoint writer may hold the newest
 complete copy while the next one is filled.
 
 Cost budget: copies are taken every `every` optimizer steps so that their
-measured cost stays within `budget` of the measured step time. On a GPU the
+measured cost, with the marks of the steps between them (below), stays within
+`budget` of the measured step time. On a GPU the
 cost is what the trainer's thread spends: its share of a copy plus its wait
 at the next step (the copy engine's time is free). On the CPU a background
 copy takes its time from the same cores as training (and, on a shared
@@ -295,7 +296,10 @@ class HostCopy:
         self._since_sample = 0
         self.cost_s = _average(self.cost_s, snap.meta["trainer_s"] + wait_s)
         if self.step_s > 0:
-            self.every = max(1, math.ceil(self.cost_s / (self.budget * self.step_s)))
+            # a step without a copy still pays a mark: copies get what the marks leave of the budget
+            # (never under half of it: a mark dearer than that is logged beside the budget)
+            spare = max(self.budget * self.step_s - self.mark_s, self.budget * self.step_s / 2)
+            self.every = max(1, math.ceil(self.cost_s / spare))
 
 
 def _sources(trainer: Any, grads: bool) -> tuple[list[tuple[str, Any, bool]], dict[int, dict[str, Any]]]:

@@ -146,6 +146,13 @@ def test_the_budget_spaces_copies_by_measured_cost_over_step_time() -> None:
     copier.cost_s = 0
     copier._account(timed, wait_s=0.0)
     assert copier.every == math.ceil(0.03 / (0.02 * 0.5))
+    copier.mark_s = 0.004  # a mark on every step between copies: copies get the rest of the budget
+    copier._account(timed, wait_s=0.0)
+    assert copier.every == math.ceil(copier.cost_s / (0.02 * 0.5 - 0.004))
+    copier.mark_s = 0.05  # marks alone over the budget: copies still get half of it
+    copier._account(timed, wait_s=0.0)
+    assert copier.every == math.ceil(copier.cost_s / (0.02 * 0.5 / 2))
+    copier.mark_s = 0
     timed.meta.update(timed=False, on_gpu=True, trainer_s=0.001)
     copier.cost_s = 0
     copier._account(timed, wait_s=0.002)  # a GPU copy: the trainer thread's share and its wait at the next step
