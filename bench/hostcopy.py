@@ -16,14 +16,17 @@ batch 8, nbs 8: one optimizer step per batch, 8 an epoch), per model size
 - the copy's cost, in one process: epochs alternate between a host copy at
   every optimizer step and none (epoch 1, the warm-up, is left out), so a
   busy spell of this shared machine hits both alike; cost = the difference
-  of the median times between batch ends.
+  of the median times between batch ends. The same A/B at the default
+  budget (copies spaced by it, a mark at every step between them, against
+  neither): the cost gpuguard-yolo as shipped adds, without the
+  run-to-run differences of separate processes.
 - throughput against plain Ultralytics: the median time between batch ends
   inside epochs 2 and 3 (validation off, epoch-end saves excluded) for a
   plain `train()` and for gpuguard-yolo as shipped (default copy budget and
   save interval), interleaved run by run.
 - a periodic checkpoint's write, in the writer thread: one run with
   `--save-every-s 0.5`, each write timed (the default interval is set from
-  this time: the writer busy at most 1 % of the time).
+  this time: the writer busy at most SAVE_SHARE of the time).
 
 Usage: python bench/hostcopy.py [--rounds 2] [--models yolov8n yolov8s] [--write-docs]
 """
@@ -49,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from docblock import replace_block  # noqa: E402
 
+from gpuguard.integrations.hostcopy import BUDGET  # noqa: E402
 from gpuguard.integrations.rescue import SAVE_MAX_S, SAVE_MIN_S, SAVE_SHARE  # noqa: E402
 
 EPOCHS, AB_EPOCHS, STUCK_EPOCH, STUCK_BATCH = 3, 7, 2, 6
@@ -57,7 +61,7 @@ SETUPS = {"plain": None, "gpuguard-yolo": ()}  # None: plain Ultralytics
 
 # The child: a training whose batch ends are timed, with bench-only hooks.
 # HOOK=stuck|answer: the checkpoint signal as batch HOOK_BATCH of epoch HOOK_EPOCH starts; "stuck" then
-#   blocks the main thread in time.sleep. AB=1: host copies only in even epochs (1-based).
+#   blocks the main thread in time.sleep. AB=1: host copies and marks only in even epochs (1-based).
 CHILD = """
 import json, os, signal, sys, time
 sys.path.insert(0, os.environ["REPO"])
@@ -166,11 +170,16 @@ def measure(tmp: Path, data: Path, model: str, rounds: int) -> dict:
     odd, even = {e for e in range(1, AB_EPOCHS) if e % 2 == 1}, {e for e in range(2, AB_EPOCHS) if e % 2 == 0}
     on, off = intervals(times, odd), intervals(times, even)
     on_cpu, off_cpu = intervals(times, odd, clock=2), intervals(times, even, clock=2)
+    rc, log, times = child(tmp, data, model, f"{model}-ab-default", ("--save-every-s", "0"), AB_EPOCHS, AB="1")
+    if rc != 0:
+        raise SystemExit(f"{model} A/B at the default budget: exit {rc}\n{log[-3000:]}")
+    default = {"on": intervals(times, odd), "off": intervals(times, even),
+               "on_cpu": intervals(times, odd, clock=2), "off_cpu": intervals(times, even, clock=2)}  # fmt: skip
     lost = {what: lost_work(tmp, data, model, hook, flags) for what, hook, flags in (
         ("stuck, default budget", "stuck", ()), ("stuck, copy every step", "stuck", ("--copy-budget", "inf")),
         ("answering", "answer", ()))}  # fmt: skip
     return {"steps": steps, "cpu": cpu, "on": on, "off": off, "on_cpu": on_cpu, "off_cpu": off_cpu, "budget": budget,
-            "writes": writes, "lost": lost}  # fmt: skip
+            "writes": writes, "lost": lost, "default": default}  # fmt: skip
 
 
 def table(results: dict[str, dict]) -> str:
@@ -191,12 +200,18 @@ def table(results: dict[str, dict]) -> str:
     row("the same A/B in process CPU time a step (ms)",
         lambda r: f"{statistics.median(r['on_cpu']) * 1e3:.0f} / {statistics.median(r['off_cpu']) * 1e3:.0f} "
                   f"({_ratio(r['on_cpu'], r['off_cpu']):+.1f} %)")  # fmt: skip
-    row("default budget (2 %): a copy every ... steps (its measured copy / step, ms)",
+    row("host copies and marks at the default budget, in-process A/B: step with / without (ms)",
+        lambda r: f"{statistics.median(r['default']['on']) * 1e3:.1f} / {statistics.median(r['default']['off']) * 1e3:.1f} "
+                  f"({_ratio(r['default']['on'], r['default']['off']):+.1f} %)")  # fmt: skip
+    row("the same A/B in process CPU time a step (ms)",
+        lambda r: f"{statistics.median(r['default']['on_cpu']) * 1e3:.1f} / {statistics.median(r['default']['off_cpu']) * 1e3:.1f} "
+                  f"({_ratio(r['default']['on_cpu'], r['default']['off_cpu']):+.1f} %)")  # fmt: skip
+    row(f"default budget ({BUDGET:.1%}): a copy every ... steps (its measured copy / step, ms)",
         lambda r: ", ".join(f"{e} ({c} / {s})" for e, c, s, _ in r["budget"]) or "—")
     row("a mark at every step between copies, on the trainer's thread (ms)",
         lambda r: ", ".join(m for *_, m in r["budget"]) or "—")
     row("periodic checkpoint, written by the writer thread (s)", lambda r: spread(r["writes"], ".2f"))
-    row(f"default save interval from that ({SAVE_SHARE:.0%} writing, {SAVE_MIN_S:g}..{SAVE_MAX_S:g} s)",
+    row(f"default save interval from that ({SAVE_SHARE:.1%} writing, {SAVE_MIN_S:g}..{SAVE_MAX_S:g} s)",
         lambda r: f"{min(SAVE_MAX_S, max(SAVE_MIN_S, statistics.median(r['writes']) / SAVE_SHARE)):.0f} s"
         if r["writes"] else "—")  # fmt: skip
     for what in ("stuck, default budget", "stuck, copy every step", "answering"):

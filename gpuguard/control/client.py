@@ -6,6 +6,7 @@ hooks that run it every few seconds.
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ from gpuguard.control.protocol import MAX_REQUEST_BYTES, ProtocolError, decode_r
 
 MAX_REPLY_BYTES = 256 * 1024 * 1024  # a long event history is large, but not this large
 CONNECT_RETRY_S = 0.005
+BUSY_RETRY_S = 2.0  # how long a "busy" answer is tried again (see `request`)
+BUSY_PAUSE_S = (0.01, 0.25)  # the first and the longest pause between those tries
 
 
 class DaemonUnreachable(Exception):
@@ -35,13 +38,35 @@ class CommandFailed(Exception):
         self.code = code
 
 
-def request(socket_path: Path, cmd: str, args: dict[str, Any], timeout_s: float = 10.0) -> Any:
-    """Send one command and return its result; `timeout_s` bounds the whole exchange."""
+def request(
+    socket_path: Path, cmd: str, args: dict[str, Any], timeout_s: float = 10.0, busy_retry_s: float = BUSY_RETRY_S
+) -> Any:
+    """Send one command and return its result; `timeout_s` bounds the whole exchange.
+
+    "busy" means the daemon turned the connection away at its limits without carrying the
+    request out, so any command may be sent again: it is, with a growing, jittered pause,
+    for up to `busy_retry_s` (within `timeout_s`). A client's own previous connection is
+    still counted for a moment after its reply: churn near the limits is no failure, a
+    daemon that stays full is."""
     path = Path(socket_path)
     line = encode_request(cmd, args)
     if len(line) > MAX_REQUEST_BYTES:
         raise CommandFailed(f"request too large ({len(line)} bytes, limit {MAX_REQUEST_BYTES})", "bad_request")
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline, give_up = started + timeout_s, started + min(busy_retry_s, timeout_s)
+    pause = BUSY_PAUSE_S[0]
+    while True:
+        try:
+            return _exchange(path, line, deadline, timeout_s)
+        except CommandFailed as exc:
+            if exc.code != "busy" or time.monotonic() + pause >= give_up:
+                raise
+        time.sleep(pause * random.uniform(0.5, 1.0))  # clients turned away together do not come back together
+        pause = min(2 * pause, BUSY_PAUSE_S[1])
+
+
+def _exchange(path: Path, line: bytes, deadline: float, timeout_s: float) -> Any:
+    """One connection: the request line out, its reply back."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
             _connect(sock, path, deadline)

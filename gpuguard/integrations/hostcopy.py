@@ -45,9 +45,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpuguard.integrations import rng
+from gpuguard.integrations.devices import copy_all, host_like, record_event, side_stream
 from gpuguard.integrations.exact import VERSION, pending_grads
 
-BUDGET = 0.02  # of step time
+BUDGET = 0.015  # of step time: with the writer's SAVE_SHARE (rescue.py), the whole cost stays within 2 %
 SMOOTHING = 0.3  # weight of the newest measurement in the running averages
 CALIBRATE_EVERY = 10  # on the CPU, one copy in this many is made on the trainer's thread and timed
 
@@ -175,9 +176,10 @@ class HostCopy:
             self._buffers = (id(model), [(f"model/{name}", buffer) for name, buffer in model.named_buffers()])
         written = {name: buffer.clone() for name, buffer in self._buffers[1]}
         self._mark = Mark(
-            trainer, {**meta(), **_small_state(trainer)}, written, self._steps, self._stepped, _record_event(trainer)
+            trainer, {**meta(), **_small_state(trainer)}, written, self._steps, self._stepped, record_event(trainer)
         )  # fmt: skip
         self.mark_s = _average(self.mark_s, time.perf_counter() - started)
+        self._respace()  # the first marks come only once copies are spaced out: count them at once
 
     def take(self, trainer: Any, meta: dict[str, Any], wait: bool, grads: bool = False) -> Snapshot | None:
         """Start a copy of the state as it stands now; with `wait`, return only once it is complete.
@@ -200,15 +202,15 @@ class HostCopy:
         for name, src, forward_written in pairs:
             dst = host.get(name)
             if dst is None or dst.shape != src.shape or dst.dtype != src.dtype:
-                dst, fresh = _host_like(src), True
+                dst, fresh = host_like(src), True
             copies.append((dst, src.clone() if forward_written else src))
         snap = Snapshot({name: dst for (name, _, _), (dst, _) in zip(pairs, copies)}, meta, self._steps)
         self._slots[free[0]] = snap
-        event = _record_event(trainer)
+        event = record_event(trainer)
         snap.meta.update(on_gpu=event is not None, fresh=fresh, timed=False)
         self._taken_at_step = self._steps
         if event is None and not fresh and self._since_sample >= CALIBRATE_EVERY:
-            _copy(copies, None, None)  # on the trainer's thread: what a copy costs with the cores to itself
+            copy_all(copies, None, None)  # on the trainer's thread: what a copy costs with the cores to itself
             snap.meta.update(trainer_s=time.perf_counter() - started, timed=True)
             with self._lock:
                 self._latest = snap
@@ -279,7 +281,7 @@ class HostCopy:
                 import torch
 
                 self._stream = torch.cuda.Stream()
-            _copy(copies, event, self._stream)
+            copy_all(copies, event, self._stream)
             with self._lock:
                 self._latest = snap
             snap.complete.set()
@@ -295,9 +297,14 @@ class HostCopy:
             return
         self._since_sample = 0
         self.cost_s = _average(self.cost_s, snap.meta["trainer_s"] + wait_s)
-        if self.step_s > 0:
-            # a step without a copy still pays a mark: copies get what the marks leave of the budget
-            # (never under half of it: a mark dearer than that is logged beside the budget)
+        self._respace()
+
+    def _respace(self) -> None:
+        """Copies every `every` steps, from the running averages: at each cost sample and each mark.
+
+        A step without a copy still pays a mark, so copies get what the marks leave of the budget
+        (never under half of it: a mark dearer than that is logged beside the budget)."""
+        if self.step_s > 0 and self.cost_s > 0:
             spare = max(self.budget * self.step_s - self.mark_s, self.budget * self.step_s / 2)
             self.every = max(1, math.ceil(self.cost_s / spare))
 
@@ -346,7 +353,7 @@ def _copy_live(mark: Mark, out: list[Snapshot]) -> None:
 
     try:
         pairs, scalars = _sources(mark.trainer, grads=False)
-        with torch.no_grad(), _side_stream(mark.event):  # on a GPU: not behind a stuck kernel queued since
+        with torch.no_grad(), side_stream(mark.event):  # on a GPU: not behind a stuck kernel queued since
             tensors = {name: (mark.written[name] if written else src).detach().to("cpu", copy=True)
                        for name, src, written in pairs}  # fmt: skip
     except Exception:  # a device in trouble: the rescue falls back to the newest host copy
@@ -355,52 +362,6 @@ def _copy_live(mark: Mark, out: list[Snapshot]) -> None:
     snap = Snapshot(tensors, {**mark.meta, "optim_scalars": scalars, "live": True}, mark.step)
     snap.complete.set()
     out.append(snap)
-
-
-@contextmanager
-def _side_stream(event: Any) -> Iterator[None]:
-    if event is None:
-        yield
-        return
-    import torch
-
-    stream = torch.cuda.Stream()
-    stream.wait_event(event)
-    with torch.cuda.stream(stream):
-        yield
-    stream.synchronize()
-
-
-def _host_like(src: Any) -> Any:
-    import torch
-
-    return torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
-
-
-def _record_event(trainer: Any) -> Any:
-    """On a GPU: the point in the trainer's stream after which the copy may read."""
-    import torch
-
-    if getattr(trainer.device, "type", "cpu") != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record()
-    return event
-
-
-def _copy(copies: list[tuple[Any, Any]], event: Any, stream: Any) -> None:
-    import torch
-
-    if event is None:
-        with torch.no_grad():
-            for dst, src in copies:
-                dst.copy_(src)
-        return
-    with torch.cuda.stream(stream), torch.no_grad():
-        stream.wait_event(event)
-        for dst, src in copies:
-            dst.copy_(src, non_blocking=True)
-    stream.synchronize()
 
 
 def _average(old: float, new: float) -> float:

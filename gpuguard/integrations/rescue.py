@@ -52,7 +52,7 @@ RESCUE_FACTOR = 3.0  # ...or than this many times the longest pause between its 
 GONE_LOCK_S = 0.25  # GPU gone: how long a trainer inside a step (or a copy in flight) is waited for
 # The default periodic interval adapts to what a write costs: the writer thread busy at most
 # SAVE_SHARE of the time, but never more often than SAVE_MIN_S nor less than SAVE_MAX_S.
-SAVE_SHARE, SAVE_MIN_S, SAVE_MAX_S = 0.01, 30.0, 600.0
+SAVE_SHARE, SAVE_MIN_S, SAVE_MAX_S = 0.005, 30.0, 600.0
 
 
 def exit_now(code: int) -> None:
