@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,20 @@ exit_now(75)
 """
 
 
+_CHILDREN: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_child_left() -> Iterator[None]:
+    """A stuck child outlives a failed wait forever: each test's are killed when it ends."""
+    yield
+    while _CHILDREN:
+        child = _CHILDREN.pop()
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=30)
+
+
 def start(
     tmp_path: Path, mode: str, save_every_s: float = 0, steps: int = 3, budget: float = float("inf"), **env: str
 ) -> subprocess.Popen[str]:
@@ -87,7 +102,8 @@ def start(
     script.write_text(CHILD)
     log = (tmp_path / "child.log").open("w")
     argv = [sys.executable, str(script), str(tmp_path), mode, str(save_every_s), str(steps), str(budget)]
-    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env})
+    _CHILDREN.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env}))
+    return _CHILDREN[-1]
 
 
 def ready(tmp_path: Path, proc: subprocess.Popen[str]) -> None:
