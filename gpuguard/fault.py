@@ -18,9 +18,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from gpuguard import contract
-
-_MAX_BYTES = 64 * 1024
+from gpuguard import contract, jobfile
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +38,7 @@ def read(path: str | None = None) -> FaultNote | None:
     if not path:
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            raw = f.read(_MAX_BYTES + 1)
-        fields = json.loads(raw) if len(raw) <= _MAX_BYTES else None
+        fields = jobfile.read_json(path)
         note = FaultNote(**fields) if isinstance(fields, dict) else None
     except (OSError, ValueError, TypeError):
         return None

@@ -16,15 +16,13 @@ CUDA must not be initialised before the call: a CUDA runtime that started with
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
-from gpuguard import contract
+from gpuguard import contract, jobfile
 
 POLL_S = 0.01  # how often the hand-over file is looked for (stdlib only: no inotify)
-_MAX_BYTES = 64 * 1024
 # what the hand-over sets, CUDA_VISIBLE_DEVICES first
 HANDED_OVER = (contract.CUDA_VISIBLE_DEVICES, contract.ENV_ATTEMPT, contract.ENV_RESUME_FROM)
 
@@ -72,13 +70,9 @@ def _read(path: str) -> dict[str, str] | None:
     """The hand-over, or None while it is not there. The daemon renames it into
     place whole, so a file that exists is complete."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        told = jobfile.read_json(path)
     except FileNotFoundError:
         return None
-    with os.fdopen(fd, "rb") as f:
-        raw = f.read(_MAX_BYTES + 1)
-    try:
-        told = json.loads(raw) if len(raw) <= _MAX_BYTES else None
     except ValueError:
         told = None
     if (

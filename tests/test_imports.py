@@ -140,12 +140,12 @@ def test_no_import_cycle() -> None:
 
 def test_the_job_side_imports_only_the_contract() -> None:
     """gpuguard/integrations/ runs in the trainer: it may use the contract's names and the job's
-    stdlib helpers (job.py, fault.py), nothing of the daemon."""
+    stdlib helpers (job.py, fault.py, jobfile.py), nothing of the daemon."""
     wrong = [
         f"{path.name} imports {dep}"
         for path in sorted((ROOT / "integrations").glob("*.py"))
         for dep in gpuguard_imports(path)
-        if not dep.startswith(("gpuguard.integrations", "gpuguard.contract", "gpuguard.job", "gpuguard.fault"))
+        if not dep.startswith(("gpuguard.integrations", "gpuguard.contract", "gpuguard.job", "gpuguard.fault", "gpuguard.jobfile"))
     ]
     assert wrong == []
 
@@ -175,13 +175,13 @@ def test_daemon_modules_do_not_import_torch_or_ultralytics() -> None:
 
 
 def test_the_job_helpers_need_only_the_standard_library() -> None:
-    """job.py and fault.py are imported by any trainer, without the daemon's dependencies."""
+    """job.py, fault.py and jobfile.py are imported by any trainer, without the daemon's dependencies."""
     wrong = [
         f"{name} imports {dep}"
-        for name in ("job.py", "fault.py", "contract.py")
+        for name in ("job.py", "fault.py", "jobfile.py", "contract.py")
         for node in ast.walk(ast.parse((ROOT / name).read_text()))
         if isinstance(node, (ast.Import, ast.ImportFrom))
         for dep in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])
-        if dep.split(".")[0] not in sys.stdlib_module_names and dep not in ("gpuguard", "gpuguard.contract")
+        if dep.split(".")[0] not in sys.stdlib_module_names and dep not in ("gpuguard", "gpuguard.contract", "gpuguard.jobfile")
     ]
     assert wrong == []
