@@ -237,8 +237,8 @@ def footer(runs: list[dict[str, Any]], started: float) -> str:
     return (
         f"\n{sum(r['forced'] for r in runs)} runs with the BeginTime cut short and {sum(not r['forced'] for r in runs)} "
         f"without, a fresh cluster each. Measured {datetime.utcnow():%Y-%m-%d %H:%M} UTC in "
-        f"{time.monotonic() - started:.0f} s; {os.cpu_count()} CPUs shared by Slurm, SeaweedFS, both gpuguardd, "
-        f"the trainer and other engineers' test runs (load average at the end {load}); Python "
+        f"{time.monotonic() - started:.0f} s; {os.cpu_count()} CPUs shared by Slurm, SeaweedFS, both gpuguardd "
+        f"and the trainer (load average at the end {load}); Python "
         f"{platform.python_version()}, torch {torch.__version__}, ultralytics {ultralytics.__version__}; yolov8n, "
         f"fault after batch {FAULT_BATCH}/12 of epoch {FAULT_EPOCH}/{EPOCHS}; snapshot {size} MB; requeued job's "
         f"Reason before the release: {reasons}; `python bench/failover.py --write-docs`.\n"

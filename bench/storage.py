@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import resource
 import statistics
@@ -165,7 +166,7 @@ def main() -> int:
                     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                     row = [name, f"{mb} MB", f"{med['seconds']:.2f} s", f"{mb / med['seconds']:.0f} MB/s",
                            f"{med['cpu_s']:.2f} s", f"{med['server_cpu_s']:.2f} s" if server else "-",
-                           f"{med['trainer_pct']:.0f} %"]  # fmt: skip
+                           f"{med['trainer_pct']:.0f} %" if math.isfinite(med["trainer_pct"]) else "— (too short to sample)"]  # fmt: skip
                     print(" | ".join(row), flush=True)
                     rows.append(row)
                 src.unlink()

@@ -14,11 +14,16 @@ Cost budget: copies are taken every `every` optimizer steps so that their
 measured cost, with the marks of the steps between them (below), stays within
 `budget` of the measured step time. On a GPU the
 cost is what the trainer's thread spends: its share of a copy plus its wait
-at the next step (the copy engine's time is free). On the CPU a background
-copy takes its time from the same cores as training (and, on a shared
-machine, from other processes: its own duration says little), so one copy
-in CALIBRATE_EVERY runs on the trainer's thread instead, and its duration
-is the cost: an upper bound on a dedicated machine.
+at the next step (the copy engine's time is free). On the CPU every copy
+runs on the trainer's thread, and its duration is its cost: a copy on
+another thread takes its time from the cores training uses (measured at
+about twice its own duration: torch's threads wait for the core it took,
+and the trainer for the GIL), so it would cost more than the budget counts.
+`background=True` puts CPU copies on the copier thread too: the tests run a
+GPU's code path on the CPU with it. Either way a copy leaves an aftermath to
+the step after it (a cold cache, a busy memory bus: on the CPU up to as much
+again as the copy): the interval that holds a copy is timed against a plain
+step's, and what it took over counts too (`_account`).
 
 Between copies, every step leaves a mark (`Mark`): the small state of that
 step (random states, learning rates, scaler, position) and clones of the
@@ -45,12 +50,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpuguard.integrations import rng
-from gpuguard.integrations.devices import copy_all, host_like, record_event, side_stream
+from gpuguard.integrations.devices import copy_all, copy_into, host_like, on_gpu, record_event, side_stream
 from gpuguard.integrations.exact import VERSION, pending_grads
 
-BUDGET = 0.015  # of step time: with the writer's SAVE_SHARE (rescue.py), the whole cost stays within 2 %
+BUDGET = 0.01  # of step time: with the writer's SAVE_SHARE (rescue.py) and what measuring misses, within 2 %
+_ATOMIC = {int, float, bool, str, type(None)}  # hyperparameters that need no deep copy (a mark takes them every step)
+AFTERMATH = 2.0  # a copy's cost counted with its aftermath at most this times its own time: a stall is none of it
 SMOOTHING = 0.3  # weight of the newest measurement in the running averages
-CALIBRATE_EVERY = 10  # on the CPU, one copy in this many is made on the trainer's thread and timed
 
 log = logging.getLogger("gpuguard.yolo")
 
@@ -102,20 +108,24 @@ class Mark:
 class HostCopy:
     """The newest complete host copy of one trainer's state; see the module docstring."""
 
-    def __init__(self, budget: float = BUDGET) -> None:
+    def __init__(self, budget: float = BUDGET, background: bool = False) -> None:
         self.budget = budget
+        self.background = background  # CPU copies on the copier thread too (a GPU's always are)
         self.every = 1  # take a copy every this many optimizer steps
         self.step_s = 0.0  # running average of the time between steps
         self.cost_s = 0.0  # running average of one copy's cost
         self.mark_s = 0.0  # running average of one mark's cost (the trainer's thread, every step between copies)
         self.copies = 0
-        self._since_sample = CALIBRATE_EVERY  # copies since the last cost sample: the first usable one is timed
         self._steps = 0
         self._stepped = 0  # optimizer steps of any loader, counted under the step lock
         self._step_lock = threading.Lock()  # held by the trainer's thread inside a step
         self._mark: Mark | None = None
-        self._buffers: tuple[int, list[tuple[str, Any]]] | None = None  # (id of the model, its named buffers)
+        # (id of the model, its named buffers, the marks' copies of them: reused, as a mark is stale once the
+        # trainer steps again, and no step can start while `live` copies)
+        self._buffers: tuple[int, list[tuple[str, Any]], list[Any]] | None = None
         self._last_step_at: float | None = None
+        self._copied = False  # a copy taken at the last step: the interval to the next is no plain step
+        self._sample: float | None = None  # the newest copy's timed cost, until its interval is in
         self._taken_at_step = -math.inf
         self._slots: list[Snapshot | None] = [None, None]
         self._latest: Snapshot | None = None
@@ -161,20 +171,36 @@ class HostCopy:
     def after_step(self, trainer: Any, meta: Callable[[], dict[str, Any]], allowed: bool = True) -> None:
         """Count the step; take a copy if `allowed`, one is due and the budget allows."""
         now = time.perf_counter()
+        copied, self._copied = self._copied, False
         if self._last_step_at is not None:
-            self.step_s = _average(self.step_s, now - self._last_step_at)
+            interval = now - self._last_step_at
+            if not copied:
+                self.step_s = _average(self.step_s, interval)
+            elif self._sample is not None and (self.step_s == 0 or self.every == 1):  # no plain step to measure
+                self.step_s = _average(self.step_s, max(interval - self._sample, 0.0))
+            elif self._sample is not None and self.step_s > 0:  # the copy's cost with its aftermath: see `_account`
+                self._sample = min(AFTERMATH * self._sample, max(self._sample, interval - self.step_s + self.mark_s))
+        if self._sample is not None:
+            self.cost_s, self._sample = _average(self.cost_s, self._sample), None
+            self._respace()
         self._last_step_at = now
         self._steps += 1
         self._mark = None
         if not allowed:
             return
-        if self._steps - self._taken_at_step >= self.every and self.take(trainer, meta(), wait=False) is not None:
-            return
+        if self._steps - self._taken_at_step >= self.every:
+            self._copied = True  # the interval to the next step holds the copy
+            if self.take(trainer, meta(), wait=False) is not None:
+                return
+            self._copied = False
         started = time.perf_counter()
         model = getattr(trainer.model, "module", trainer.model)
-        if self._buffers is None or self._buffers[0] != id(model):  # walking the module tree costs more than cloning
-            self._buffers = (id(model), [(f"model/{name}", buffer) for name, buffer in model.named_buffers()])
-        written = {name: buffer.clone() for name, buffer in self._buffers[1]}
+        if self._buffers is None or self._buffers[0] != id(model):  # walking the module tree costs more than copying
+            named = [(f"model/{name}", buffer) for name, buffer in model.named_buffers()]
+            self._buffers = (id(model), named, [buffer.clone() for _, buffer in named])
+        _, named, kept = self._buffers
+        copy_into(kept, [buffer for _, buffer in named])  # one call, into the same tensors: see `_buffers`
+        written = {name: dst for (name, _), dst in zip(named, kept)}
         self._mark = Mark(
             trainer, {**meta(), **_small_state(trainer)}, written, self._steps, self._stepped, record_event(trainer)
         )  # fmt: skip
@@ -194,6 +220,7 @@ class HostCopy:
                 if not wait:
                     return None
                 self._wake.wait()
+        sync = not (self.background or on_gpu(trainer))  # on the trainer's thread: nothing runs beside the copy
         pairs, scalars = _sources(trainer, grads)
         meta = {**meta, **_small_state(trainer), "optim_scalars": scalars}
         old = self._slots[free[0]]
@@ -203,14 +230,14 @@ class HostCopy:
             dst = host.get(name)
             if dst is None or dst.shape != src.shape or dst.dtype != src.dtype:
                 dst, fresh = host_like(src), True
-            copies.append((dst, src.clone() if forward_written else src))
+            copies.append((dst, src.clone() if forward_written and not sync else src))
         snap = Snapshot({name: dst for (name, _, _), (dst, _) in zip(pairs, copies)}, meta, self._steps)
         self._slots[free[0]] = snap
-        event = record_event(trainer)
+        event = record_event(trainer)  # after the clones: the copier reads them
         snap.meta.update(on_gpu=event is not None, fresh=fresh, timed=False)
         self._taken_at_step = self._steps
-        if event is None and not fresh and self._since_sample >= CALIBRATE_EVERY:
-            copy_all(copies, None, None)  # on the trainer's thread: what a copy costs with the cores to itself
+        if sync:
+            copy_all(copies, None, None)  # on the trainer's thread: its duration is its cost
             snap.meta.update(trainer_s=time.perf_counter() - started, timed=True)
             with self._lock:
                 self._latest = snap
@@ -288,16 +315,22 @@ class HostCopy:
 
     # --- the trainer's thread again ---------------------------------------
     def _account(self, snap: Snapshot, wait_s: float) -> None:
-        """A cost sample from a GPU copy or a timed CPU copy; see the module docstring."""
+        """A cost sample from a GPU copy or a CPU copy on the trainer's thread; see the module docstring.
+
+        What the trainer's thread spent on the copy is the least it cost. The copy also leaves a cold
+        cache and a busy memory bus for the step after it (measured on the CPU at up to as much again):
+        when the copy was taken at a step, `after_step` raises the sample to what the interval holding
+        it took over a plain step's, the mark it did not make given back (at most AFTERMATH times the
+        copy's own time). Then it counts."""
         self.copies += 1
         if snap.meta["fresh"]:
             return  # new host buffers: page faults paid once, not a measure of the copies to come
         if not (snap.meta["on_gpu"] or snap.meta["timed"]):
-            self._since_sample += 1
-            return
-        self._since_sample = 0
-        self.cost_s = _average(self.cost_s, snap.meta["trainer_s"] + wait_s)
-        self._respace()
+            return  # a background copy on the CPU (tests): its own duration says little of its cost
+        self._sample = snap.meta["trainer_s"] + wait_s
+        if not self._copied:  # taken outside `after_step` (a checkpoint): no interval to wait for
+            self.cost_s, self._sample = _average(self.cost_s, self._sample), None
+            self._respace()
 
     def _respace(self) -> None:
         """Copies every `every` steps, from the running averages: at each cost sample and each mark.
@@ -341,7 +374,7 @@ def _param_groups(optimizer: Any) -> list[dict[str, Any]]:
     index: dict[int, int] = {}
     groups = []
     for group in optimizer.param_groups:
-        packed = copy.deepcopy({k: v for k, v in group.items() if k != "params"})
+        packed = {k: v if type(v) in _ATOMIC else copy.deepcopy(v) for k, v in group.items() if k != "params"}
         packed["params"] = [index.setdefault(id(p), len(index)) for p in group["params"]]
         groups.append(packed)
     return groups

@@ -1,6 +1,6 @@
 """`gpuguard-yolo`: `yolo train` under gpuguard, offline.
 
-    gpuguard-yolo train [--save-every-s S] [--copy-budget 0.015] model=yolov8n.yaml data=/abs/data.yaml epochs=10 ...
+    gpuguard-yolo train [--save-every-s S] [--copy-budget 0.01] model=yolov8n.yaml data=/abs/data.yaml epochs=10 ...
     gpuguard-yolo make-dataset DIR [--train 16 --val 4 --imgsz 64]
 
 `train` takes the same KEY=VALUE arguments as `yolo train` and adds what a
@@ -8,7 +8,8 @@ job managed by gpuguard needs (see guard.py): checkpoint-and-exit-75 on the
 checkpoint signal, a heartbeat, atomic checkpoint writes, a host copy of
 the training state within --copy-budget of step time, written by a
 background thread every --save-every-s seconds (by default as often as 0.5 %
-of the time writing allows, 30 to 600 s: with the copy's 1.5 %, 2 % in all) and when the trainer is stuck on
+of the time writing allows, 30 to 600 s; with the copy's 1 %, within 2 %
+as measured in docs/BENCHMARKS.md) and when the trainer is stuck on
 the signal, resume from GPUGUARD_RESUME_FROM (mid-epoch: the rest of the
 epoch, in the same order, with the exact training and random states). Exit codes: 0 trained
 (or nothing left to train), 75 checkpoint saved (restart me), 2 bad

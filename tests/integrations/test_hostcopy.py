@@ -14,13 +14,15 @@ import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from harness import wait_until
 from gpuguard.integrations.exact import STATE_KEY, read_state, restore_pending, restore_training_state
-from gpuguard.integrations.hostcopy import HostCopy
+from gpuguard.integrations import hostcopy
+from gpuguard.integrations.hostcopy import AFTERMATH, SMOOTHING, HostCopy
 from gpuguard.integrations.replay import RESUME_KEY
 from gpuguard.integrations.rescue import checkpoint
 from .yolo_runs import EXACT_ARGS, EXACT_SHIM, Job, trained_per_epoch
@@ -79,7 +81,8 @@ def equal(a: Any, b: Any) -> bool:
 
 
 def test_a_copy_taken_at_a_step_is_that_step_s_state_while_the_next_batch_runs() -> None:
-    t, copier = Trainer(), HostCopy(budget=math.inf)
+    """On the copier thread, as on a GPU (on the CPU copies are made on the trainer's thread)."""
+    t, copier = Trainer(), HostCopy(budget=math.inf, background=True)
     for _ in range(3):  # warm: both slots in use
         t.batch()
         with copier.stepping():
@@ -141,8 +144,10 @@ def test_the_budget_spaces_copies_by_measured_cost_over_step_time() -> None:
     copier.take(t, dict(META), wait=True)  # the second slot, new too
     timed = copier.take(t, dict(META), wait=True)
     assert timed.meta["timed"] and copier.cost_s == timed.meta["trainer_s"] > 0  # made on the trainer's thread
-    assert not copier.take(t, dict(META), wait=True).meta["timed"]  # the next ones in the background, until
-    timed.meta.update(trainer_s=0.03)  # the next sample, here one that costs 30 ms a copy
+    again = copier.take(t, dict(META), wait=True)  # every CPU copy is a sample
+    assert again.meta["timed"]
+    assert copier.cost_s == pytest.approx((1 - SMOOTHING) * timed.meta["trainer_s"] + SMOOTHING * again.meta["trainer_s"])
+    timed.meta.update(trainer_s=0.03)  # a sample that costs 30 ms a copy
     copier.cost_s = 0
     copier._account(timed, wait_s=0.0)
     assert copier.every == math.ceil(0.03 / (0.02 * 0.5))
@@ -157,6 +162,46 @@ def test_the_budget_spaces_copies_by_measured_cost_over_step_time() -> None:
     copier.cost_s = 0
     copier._account(timed, wait_s=0.002)  # a GPU copy: the trainer thread's share and its wait at the next step
     assert copier.every == 1 and copier.cost_s == 0.003
+
+
+def test_a_copy_costs_what_its_interval_took_over_a_plain_step_within_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cold cache a copy leaves is part of its cost; a stall in the same interval is not."""
+    now = [0.0]
+    monkeypatch.setattr(hostcopy, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    t, copier = Trainer(), HostCopy(budget=0.02)
+    copier.mark_s = 0.001
+
+    def interval_after_a_copy(own_s: float, interval_s: float) -> None:
+        copier._last_step_at, copier._copied, copier._sample = now[0], True, own_s
+        now[0] += interval_s
+        copier.after_step(t, lambda: dict(META), allowed=False)
+
+    copier.step_s, copier.every = 0, 1
+    interval_after_a_copy(0.010, 0.11)  # copies at every step so far (the first ones): the step is the rest
+    assert copier.step_s == pytest.approx(0.1) and copier.cost_s == pytest.approx(0.010) and copier.every == 10
+    copier.cost_s = 0
+    interval_after_a_copy(0.010, 0.115)  # 15 ms over a plain step, whose 1 ms mark this one did not make
+    assert copier.cost_s == pytest.approx(0.016) and copier.step_s == 0.1  # no plain step's sample
+    assert copier.every == math.ceil(0.016 / (0.02 * 0.1 - 0.001))
+    interval_after_a_copy(0.010, 0.6)  # a stall: counted up to AFTERMATH times the copy's own time
+    assert copier.cost_s == pytest.approx((1 - SMOOTHING) * 0.016 + SMOOTHING * AFTERMATH * 0.010)
+    copier.cost_s = 0
+    interval_after_a_copy(0.010, 0.09)  # a quick step after it: never under what the trainer's thread spent
+    assert copier.cost_s == pytest.approx(0.010)
+    copier.new_epoch()
+    copier._copied, copier._sample, copier.cost_s = True, 0.012, 0
+    copier.after_step(t, lambda: dict(META), allowed=False)  # no interval (an epoch's first step): its own time
+    assert copier.cost_s == pytest.approx(0.012) and copier._sample is None and not copier._copied
+
+
+def test_a_background_copy_on_the_cpu_is_no_cost_sample() -> None:
+    """Beside training on the same cores its own duration says little: it neither sets nor moves the spacing."""
+    t, copier = Trainer(), HostCopy(budget=0.02, background=True)
+    copier.step_s = 0.5
+    for _ in range(4):
+        snap = copier.take(t, dict(META), wait=True)
+        assert snap.complete.is_set() and not snap.meta["timed"]
+    assert copier.cost_s == 0 and copier.every == 1 and copier.copies == 4
 
 
 def test_the_checkpoint_from_a_copy_restores_the_exact_state_random_states_and_gradients() -> None:
