@@ -40,8 +40,8 @@ cluster-packages:
 chaos: $(STAMP)
 	$(PY) bench/chaos.py --long
 
-# Every measured table of docs/BENCHMARKS.md, rewritten in place (11 min 17 s in all on the 2-core VM
-# before the host-copy bench joined it: about 6 min more).
+# Every measured table of docs/BENCHMARKS.md, rewritten in place (about 31 min on the 2-core VM,
+# 2026-12-01).
 bench: $(STAMP) cluster-packages
 	$(PY) bench/footprint.py --write-docs
 	$(PY) bench/detection.py --samples 30 --write-docs
