@@ -19,8 +19,8 @@ batch 8, nbs 8: one optimizer step per batch, 8 an epoch), per model size
   plain step's) and logs it with the step time; the bench times gpuguard's
   batch callbacks; those shares, plus SAVE_SHARE times the
   writer's measured cost (below), are the cost as shipped. Precise where a
-  throughput difference on this VM is not (an epoch's mean step wanders by
-  about a tenth), so the A/Bs below check it rather than decide it.
+  throughput difference on this VM need not be (an epoch's mean step can
+  wander by about a tenth), so the A/Bs below check it rather than decide it.
 - the copy's cost, in one process of AB_EPOCHS epochs: epochs alternate
   between a host copy at every optimizer step and none (epoch 1, the
   warm-up, is left out); each epoch with copies is compared with the epochs
@@ -192,8 +192,8 @@ def measure(tmp: Path, data: Path, model: str, rounds: int) -> dict:
                 r"host copy: every (\d+) optimizer step\(s\), ([\d.]+) ms a copy, ([\d.]+) ms a step \(budget [^)]*\), "
                 r"([\d.]+) ms a mark", log,
             )[-1:]  # fmt: skip
-            callbacks += [2 * float(s) / int(n) for n, s in re.findall(r"gpuguard batch callbacks: (\d+) in ([\d.]+) s", log)
-                          if int(n)]  # fmt: skip
+            callbacks += [2 * float(secs) / int(calls) for calls, secs in re.findall(
+                r"gpuguard batch callbacks: (\d+) in ([\d.]+) s", log) if int(calls)]  # fmt: skip
             print(f"{model} round {n + 1} {setup}: median step {steps[setup][-1] * 1e3:.0f} ms", file=sys.stderr, flush=True)
     rc, log, _ = child(tmp, data, model, f"{model}-writes", ("--save-every-s", "0.5"))
     writes = [float(w) for w in re.findall(r"written in ([\d.]+)s", log)]
@@ -239,7 +239,8 @@ def paired(times: list, clock: int) -> tuple[float, float]:
 
 def error(times: list) -> float:
     """The standard error of the A/B's difference (per cent, wall time): the pairs' spread over their root
-    count. On this VM an epoch's mean step wanders by about a tenth, so one A/B resolves a few per cent."""
+    count. On this VM an epoch's mean step can wander by about a tenth (2 to 3 % after 12 pairs), or
+    hardly at all (under 1 %): it is printed beside every A/B."""
     diffs = [(on / off - 1) * 100 for on, off in pairs(times, 1)]
     return statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
 
