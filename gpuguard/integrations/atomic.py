@@ -47,18 +47,22 @@ def replacing(target: Path, tmp_suffix: str = "") -> Iterator[Path]:
     """Yield a temp path to write with any library; on success it replaces `target`.
 
     For writers that insist on a file name (torch.save): if the body raises or
-    writes nothing, `target` is left as it was.
+    writes nothing, `target` is left as it was, and so is no temp file.
     """
     tmp = temp_path(target, tmp_suffix)
     tmp.unlink(missing_ok=True)
-    yield tmp
-    if tmp.exists():
-        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        commit(tmp, target)
+    try:
+        yield tmp
+        if tmp.exists():
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            commit(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a write that failed (a full disk) leaves no part behind to keep it full
+        raise
 
 
 def commit(tmp: Path, target: Path) -> None:

@@ -351,9 +351,13 @@ class TrainerGuard:
 
     def _answer_from_host_copy(self, trainer: Any) -> None:
         """Copy the state as it stands at this batch end, accumulated gradients included; the writer
-        thread writes it; exit 75."""
+        thread writes it; exit 75. When the copy or its write fails (host memory short, a full disk),
+        Ultralytics' own save answers instead, as for a trainer without a host copy."""
         snap = self._hostcopy.take(trainer, self._meta(trainer, at_step=False), wait=True, grads=True)
-        self._rescuer.hand_over(snap)
+        if snap is None or not self._rescuer.hand_over(snap):
+            log.warning("the host copy could not answer the checkpoint request: saving the Ultralytics way")
+            self._rescuer.stand_down()
+            self._checkpoint_mid_epoch(trainer)
         sys.stderr.write("\n")  # end the progress bar's line
         pos = snap.meta["position"]
         log.info(

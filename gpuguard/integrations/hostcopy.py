@@ -39,7 +39,6 @@ the newest host copy as the rescue's state.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import threading
@@ -51,10 +50,10 @@ from typing import Any
 
 from gpuguard.integrations import rng
 from gpuguard.integrations.devices import copy_all, copy_into, host_like, on_gpu, record_event, side_stream
-from gpuguard.integrations.exact import VERSION, pending_grads
+from gpuguard.integrations.exact import VERSION
+from gpuguard.integrations.trainstate import small_state, sources
 
 BUDGET = 0.01  # of step time: with the writer's SAVE_SHARE (rescue.py) and what measuring misses, within 2 %
-_ATOMIC = {int, float, bool, str, type(None)}  # hyperparameters that need no deep copy (a mark takes them every step)
 AFTERMATH = 2.0  # a copy's cost counted with its aftermath at most this times its own time: a stall is none of it
 SMOOTHING = 0.3  # weight of the newest measurement in the running averages
 
@@ -116,6 +115,7 @@ class HostCopy:
         self.cost_s = 0.0  # running average of one copy's cost
         self.mark_s = 0.0  # running average of one mark's cost (the trainer's thread, every step between copies)
         self.copies = 0
+        self.off: str | None = None  # why copies and marks stopped (`_turn_off`)
         self._steps = 0
         self._stepped = 0  # optimizer steps of any loader, counted under the step lock
         self._step_lock = threading.Lock()  # held by the trainer's thread inside a step
@@ -186,13 +186,20 @@ class HostCopy:
         self._last_step_at = now
         self._steps += 1
         self._mark = None
-        if not allowed:
+        if not allowed or self.off:
             return
-        if self._steps - self._taken_at_step >= self.every:
-            self._copied = True  # the interval to the next step holds the copy
-            if self.take(trainer, meta(), wait=False) is not None:
-                return
+        try:
+            if self._steps - self._taken_at_step >= self.every:
+                self._copied = True  # the interval to the next step holds the copy
+                if self.take(trainer, meta(), wait=False) is not None or self.off:
+                    return
+                self._copied = False
+            self._leave_mark(trainer, meta)
+        except Exception as exc:  # never the end of the training: see `_turn_off`
             self._copied = False
+            self._turn_off(exc)
+
+    def _leave_mark(self, trainer: Any, meta: Callable[[], dict[str, Any]]) -> None:
         started = time.perf_counter()
         model = getattr(trainer.model, "module", trainer.model)
         if self._buffers is None or self._buffers[0] != id(model):  # walking the module tree costs more than copying
@@ -202,7 +209,7 @@ class HostCopy:
         copy_into(kept, [buffer for _, buffer in named])  # one call, into the same tensors: see `_buffers`
         written = {name: dst for (name, _), dst in zip(named, kept)}
         self._mark = Mark(
-            trainer, {**meta(), **_small_state(trainer)}, written, self._steps, self._stepped, record_event(trainer)
+            trainer, {**meta(), **small_state(trainer)}, written, self._steps, self._stepped, record_event(trainer)
         )  # fmt: skip
         self.mark_s = _average(self.mark_s, time.perf_counter() - started)
         self._respace()  # the first marks come only once copies are spaced out: count them at once
@@ -212,8 +219,21 @@ class HostCopy:
 
         `grads`: with the gradients accumulated since the last step (a copy between steps).
 
-        Without `wait`, None when the writer holds the one slot that is not the newest copy."""
+        Without `wait`, None when the writer holds the one slot that is not the newest copy. None too
+        when copies are off, or this one failed (which turns them off)."""
+        if self.off:
+            return None
+        try:
+            snap = self._take(trainer, meta, wait, grads)
+        except Exception as exc:  # never the end of the training: see `_turn_off`
+            self._turn_off(exc)
+            return None
+        return None if snap is None or (wait and snap.meta.get("failed")) else snap
+
+    def _take(self, trainer: Any, meta: dict[str, Any], wait: bool, grads: bool) -> Snapshot | None:
         self.before_step()
+        if self.off:  # the copy in flight failed
+            return None
         started = time.perf_counter()
         with self._lock:
             while not (free := self._free_slots()):
@@ -221,8 +241,8 @@ class HostCopy:
                     return None
                 self._wake.wait()
         sync = not (self.background or on_gpu(trainer))  # on the trainer's thread: nothing runs beside the copy
-        pairs, scalars = _sources(trainer, grads)
-        meta = {**meta, **_small_state(trainer), "optim_scalars": scalars}
+        pairs, scalars = sources(trainer, grads)
+        meta = {**meta, **small_state(trainer), "optim_scalars": scalars}
         old = self._slots[free[0]]
         host = old.tensors if old is not None else {}
         copies, fresh = [], False
@@ -304,14 +324,33 @@ class HostCopy:
                     self._wake.wait()  # shared with `take` waiting for a slot: both re-check their condition
                 snap, copies, event = self._job
                 self._job = None
-            if event is not None and self._stream is None:
-                import torch
+            try:
+                if event is not None and self._stream is None:
+                    import torch
 
-                self._stream = torch.cuda.Stream()
-            copy_all(copies, event, self._stream)
-            with self._lock:
-                self._latest = snap
+                    self._stream = torch.cuda.Stream()
+                copy_all(copies, event, self._stream)
+            except Exception as exc:  # the trainer waits for `complete`: it must come, copied or not
+                snap.meta["failed"] = True
+                self._turn_off(exc)
+            else:
+                with self._lock:
+                    self._latest = snap
             snap.complete.set()
+
+    def _turn_off(self, exc: Exception) -> None:
+        """A copy or a mark failed (host memory short, pinned memory refused, a device error): neither is
+        tried again, and the training goes on without them. The newest complete copy is kept for a
+        rescue; the other slot and the marks' tensors are let go, which may be what the node lacks."""
+        if self.off is None:
+            log.error(
+                "host copy off after %s: training goes on; a stuck trainer is now rescued from the newest "
+                "checkpoint or earlier copy only", exc,
+            )  # fmt: skip
+        self.off = f"{type(exc).__name__}: {exc}"
+        self._mark, self._buffers = None, None
+        with self._lock:
+            self._slots = [s if s is self._latest or s is self._held else None for s in self._slots]
 
     # --- the trainer's thread again ---------------------------------------
     def _account(self, snap: Snapshot, wait_s: float) -> None:
@@ -323,7 +362,7 @@ class HostCopy:
         it took over a plain step's, the mark it did not make given back (at most AFTERMATH times the
         copy's own time). Then it counts."""
         self.copies += 1
-        if snap.meta["fresh"]:
+        if snap.meta["fresh"] or snap.meta.get("failed"):
             return  # new host buffers: page faults paid once, not a measure of the copies to come
         if not (snap.meta["on_gpu"] or snap.meta["timed"]):
             return  # a background copy on the CPU (tests): its own duration says little of its cost
@@ -342,50 +381,12 @@ class HostCopy:
             self.every = max(1, math.ceil(self.cost_s / spare))
 
 
-def _sources(trainer: Any, grads: bool) -> tuple[list[tuple[str, Any, bool]], dict[int, dict[str, Any]]]:
-    """(name, live tensor, written by the forward pass?) for everything a checkpoint needs, and
-    the optimizer's non-tensor per-parameter values."""
-    model = getattr(trainer.model, "module", trainer.model)
-    buffers = {name for name, _ in model.named_buffers()}
-    pairs = [(f"model/{k}", v, k in buffers) for k, v in model.state_dict().items()]
-    if grads:
-        pairs += [(f"grad/{k}", v, False) for k, v in pending_grads(trainer).items()]
-    pairs += [(f"ema/{k}", v, False) for k, v in trainer.ema.ema.state_dict().items()]
-    scalars: dict[int, dict[str, Any]] = {}
-    for index, values in trainer.optimizer.state_dict()["state"].items():
-        for name, value in values.items():
-            if hasattr(value, "shape"):
-                pairs.append((f"optim/{index}/{name}", value, False))
-            else:
-                scalars.setdefault(index, {})[name] = value
-    return pairs, scalars
-
-
-def _small_state(trainer: Any) -> dict[str, Any]:
-    """What a step changes beside the big tensors: random states, learning rates, EMA count, scaler."""
-    return {
-        rng.KEY: rng.capture(trainer), "param_groups": _param_groups(trainer.optimizer),
-        "updates": int(trainer.ema.updates), "scaler": trainer.scaler.state_dict(),
-    }  # fmt: skip
-
-
-def _param_groups(optimizer: Any) -> list[dict[str, Any]]:
-    """`optimizer.state_dict()["param_groups"]`, copied, without packing the whole optimizer state."""
-    index: dict[int, int] = {}
-    groups = []
-    for group in optimizer.param_groups:
-        packed = {k: v if type(v) in _ATOMIC else copy.deepcopy(v) for k, v in group.items() if k != "params"}
-        packed["params"] = [index.setdefault(id(p), len(index)) for p in group["params"]]
-        groups.append(packed)
-    return groups
-
-
 def _copy_live(mark: Mark, out: list[Snapshot]) -> None:
     """The marked step's state onto the host: the live tensors, less the forward-written ones the mark kept."""
     import torch
 
     try:
-        pairs, scalars = _sources(mark.trainer, grads=False)
+        pairs, scalars = sources(mark.trainer, grads=False)
         with torch.no_grad(), side_stream(mark.event):  # on a GPU: not behind a stuck kernel queued since
             tensors = {name: (mark.written[name] if written else src).detach().to("cpu", copy=True)
                        for name, src, written in pairs}  # fmt: skip

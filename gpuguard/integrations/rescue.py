@@ -17,7 +17,11 @@ be neither joined nor unwound.
 
 Every write goes through this one thread (or holds the same lock, for
 Ultralytics' own epoch-end saves), and a copy older than the checkpoint on
-disk is never written over it.
+disk is never written over it. A write that fails (a full disk) leaves the
+checkpoint on disk as it was and this thread alive: a periodic save is tried
+again at the next interval, a hand-over returns False to the trainer, and a
+rescue that cannot write tells gpuguard nothing (it resumes from the newest
+checkpoint it holds once it has stopped the trainer).
 """
 
 from __future__ import annotations
@@ -111,6 +115,7 @@ class Rescuer:
         self.periodic = 0  # periodic checkpoints written
         self._last_save = time.monotonic()
         self._handed: Snapshot | None = None
+        self._handed_ok = False  # the handed snapshot is on disk
         self._done = threading.Event()
         self._standing_down = False  # the trainer answers without the host copy (saves itself)
         self._read, self._write = os.pipe()
@@ -122,11 +127,12 @@ class Rescuer:
         threading.Thread(target=self._run, name="gpuguard-rescue", daemon=True).start()
 
     # --- the trainer's thread --------------------------------------------
-    def hand_over(self, snap: Snapshot) -> None:
-        """Have `snap` written as the checkpoint; return once it is on disk."""
+    def hand_over(self, snap: Snapshot) -> bool:
+        """Have `snap` written as the checkpoint; True once it is on disk, False if it could not be written."""
         self._handed = snap
         os.write(self._write, bytes([HANDOFF]))
         self._done.wait()
+        return self._handed_ok
 
     def stand_down(self) -> None:
         """The trainer answers this request itself (no replayable position): do not rescue it."""
@@ -169,7 +175,8 @@ class Rescuer:
             with WRITE_LOCK:  # the check inside: an epoch-end save may have just written a newer state
                 if snap is None or snap.step <= self.written_step:
                     return
-                self._write_snapshot(snap)
+                if not self._write_snapshot(snap, "periodic checkpoint"):
+                    return  # tried again at the next interval
             self.periodic += 1
             self.write_s = time.perf_counter() - started
             pos = snap.meta["position"]
@@ -198,14 +205,19 @@ class Rescuer:
 
     def _write_handed(self) -> None:
         snap, self._handed = self._handed, None
-        if snap is not None:
+        try:
             with WRITE_LOCK:
-                self._write_snapshot(snap)
-        self._done.set()
+                self._handed_ok = snap is not None and self._write_snapshot(snap, "the trainer's checkpoint")
+        finally:
+            self._done.set()  # whatever happened: the trainer waits for it
 
     def _rescue(self, why: str, gone: bool = False) -> bool:
         """The trainer is stuck (or its GPU `gone`): write its last step's state and leave. False if
-        there is none yet. With the GPU gone, a trainer inside a step is not waited for long."""
+        there is none yet. With the GPU gone, a trainer inside a step is not waited for long.
+
+        True without leaving when the write failed: gpuguard, told of no checkpoint, stops the trainer
+        after its grace and resumes from the newest one it holds (trying again would only refill the
+        disk that could not take it)."""
         bound = self.progress.bound_s()
         snap = self.hostcopy.live(bound, lock_timeout=GONE_LOCK_S if gone else None, gpu_gone=gone)
         snap = snap or self.hostcopy.hold_latest(timeout=GONE_LOCK_S if gone else bound)
@@ -216,7 +228,9 @@ class Rescuer:
             log.warning("the trainer is stuck while writing a checkpoint: the host copy is written beside it")
         try:
             if snap.step > self.written_step:
-                self._write_snapshot(snap, tmp_suffix=RESCUE_SUFFIX)
+                if not self._write_snapshot(snap, "the rescue checkpoint", tmp_suffix=RESCUE_SUFFIX):
+                    self.hostcopy.release()  # a trainer that was only slow copies on
+                    return True
                 pos = snap.meta["position"]
                 source = "the live state" if snap.meta.get("live") else "the host copy"
                 where = f"epoch {snap.meta['epoch'] + 1} batch {pos['done']}/{pos['batches']} from {source}"
@@ -233,12 +247,19 @@ class Rescuer:
         exit_now(EX_TEMPFAIL)
         return True  # not reached
 
-    def _write_snapshot(self, snap: Snapshot, tmp_suffix: str = "") -> None:
+    def _write_snapshot(self, snap: Snapshot, what: str, tmp_suffix: str = "") -> bool:
+        """True once `snap` is the checkpoint on disk; False (logged) when it could not be written: the
+        checkpoint on disk is then the one before, whole."""
         import torch
 
-        with replacing(self.target, tmp_suffix) as tmp:
-            torch.save(checkpoint(snap, self.skeleton, self.results()), tmp)
+        try:
+            with replacing(self.target, tmp_suffix) as tmp:
+                torch.save(checkpoint(snap, self.skeleton, self.results()), tmp)
+        except Exception as exc:  # a full disk, a quota, an I/O error: never the end of this thread
+            log.error("%s not written to %s: %s; the checkpoint there is the one before", what, self.target, exc)
+            return False
         self.written_step = max(self.written_step, snap.step)
+        return True
 
 
 def ema_skeleton(trainer: Any) -> Any:

@@ -25,7 +25,7 @@ from gpuguard.integrations import hostcopy
 from gpuguard.integrations.hostcopy import AFTERMATH, SMOOTHING, HostCopy
 from gpuguard.integrations.replay import RESUME_KEY
 from gpuguard.integrations.rescue import checkpoint
-from .yolo_runs import EXACT_ARGS, EXACT_SHIM, Job, trained_per_epoch
+from .yolo_runs import EX_TEMPFAIL, EXACT_ARGS, EXACT_FLAGS, EXACT_SHIM, Job, result_epochs, trained_per_epoch
 
 torch = pytest.importorskip("torch")
 
@@ -204,6 +204,63 @@ def test_a_background_copy_on_the_cpu_is_no_cost_sample() -> None:
     assert copier.cost_s == 0 and copier.every == 1 and copier.copies == 4
 
 
+def step_and_copy(t: Trainer, copier: HostCopy) -> None:
+    t.batch()
+    with copier.stepping():
+        t.step()
+    copier.after_step(t, lambda: dict(META))
+
+
+def test_a_copy_that_cannot_get_host_memory_turns_copies_off_and_training_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host memory short (or pinned memory refused): the trainer never sees the error; the newest
+    complete copy stays for a rescue, the rest is let go, and nothing is tried again."""
+    t, copier = Trainer(), HostCopy(budget=math.inf)
+    step_and_copy(t, copier)
+    first = copier.hold_latest(timeout=5)
+    copier.release()
+    assert first is not None and first.step == 1 and copier.off is None
+    allocations: list[Any] = []
+
+    def short(src: Any) -> Any:
+        allocations.append(src)
+        raise MemoryError("cannot allocate 12 MB")
+
+    monkeypatch.setattr(hostcopy, "host_like", short)
+    step_and_copy(t, copier)  # the second slot needs new host buffers: refused
+    assert copier.off is not None and "MemoryError" in copier.off and len(allocations) == 1
+    assert copier.hold_latest(timeout=5) is first  # kept for a rescue
+    copier.release()
+    assert [s for s in copier._slots if s is not None] == [first]  # the other slot let go
+    for _ in range(3):
+        step_and_copy(t, copier)  # training goes on: no copy, no mark, nothing allocated again
+    assert len(allocations) == 1 and copier.steps == 5 and copier.live(timeout=1) is None
+    assert copier.take(t, dict(META), wait=True) is None
+
+
+def test_a_copy_that_fails_on_the_copier_thread_never_holds_up_the_next_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the copier copies beside the next batch, and the next step waits for it: a copy that
+    raises (a device error) must still let that step go, and is never published as the newest."""
+    t, copier = Trainer(), HostCopy(budget=math.inf, background=True)
+    step_and_copy(t, copier)
+    copier.before_step()
+    first = copier.hold_latest(timeout=5)
+    copier.release()
+
+    def broken(copies: Any, event: Any, stream: Any) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(hostcopy, "copy_all", broken)
+    step_and_copy(t, copier)  # handed to the copier, which fails
+    stepped = threading.Thread(target=lambda: (copier.before_step(), t.step()))
+    stepped.start()
+    stepped.join(30)
+    assert not stepped.is_alive()  # not left waiting for a copy that never completes
+    assert copier.off is not None and "illegal memory access" in copier.off
+    assert copier.hold_latest(timeout=5) is first
+    copier.release()
+    assert copier.take(t, dict(META), wait=True) is None  # the answer then saves the Ultralytics way
+
+
 def test_the_checkpoint_from_a_copy_restores_the_exact_state_random_states_and_gradients() -> None:
     t, copier = Trainer(), HostCopy()
     t.batch()
@@ -252,13 +309,33 @@ def test_a_trainer_that_cannot_run_resumes_from_the_writer_thread_s_newest_copy(
 
 
 def test_the_marks_learning_rates_are_the_optimizer_s_own_state_dict_entries() -> None:
-    from gpuguard.integrations.hostcopy import _param_groups
+    from gpuguard.integrations.trainstate import param_groups
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
     decay, no_decay = [model[0].weight], [model[0].bias, *model[1].parameters()]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}], lr=0.01)
     opt.param_groups[0]["lr"] = 0.003  # warm-up moves it every batch
-    groups = _param_groups(opt)
+    groups = param_groups(opt)
     assert groups == opt.state_dict()["param_groups"]
     opt.param_groups[0]["lr"] = 0.5
     assert groups[0]["lr"] == 0.003  # a copy, not the live dict
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_trainer_whose_host_copy_gets_no_memory_trains_on_and_answers_the_ultralytics_way(
+    tmp_path: Path, data_yaml: Path, base_env: dict[str, str]
+) -> None:
+    """No host buffer can be had: training goes on without copies, and the checkpoint request is answered
+    by Ultralytics' own save (the epoch is redone), not by a crash."""
+    job = Job(tmp_path, data_yaml, base_env)
+    shim = tmp_path / "shim.py"
+    shim.write_text(EXACT_SHIM)
+    proc = job.start(1, script=shim, flags=EXACT_FLAGS, extra_args=EXACT_ARGS, HOST_MEMORY_SHORT="1", SIGNAL_AT="2:3")
+    rc, log = job.finish(proc)
+    assert rc == EX_TEMPFAIL, log
+    assert "host copy off after host memory short (test)" in log and "saving the Ultralytics way" in log, log
+    assert "checkpoint at epoch 2/2 batch 3/4: resume will redo epoch 2" in log, log
+    rc, log2 = job.finish(job.start(2, resume_from=job.last, script=shim, extra_args=EXACT_ARGS))
+    assert rc == 0, log2
+    assert result_epochs(job.save_dir) == [1, 2]

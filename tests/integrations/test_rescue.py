@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,16 @@ from gpuguard.integrations.rescue import Progress, Rescuer, exit_now
 
 out, mode, steps, budget = Path(sys.argv[1]), sys.argv[2], int(sys.argv[4]), float(sys.argv[5])
 logging.basicConfig(level=logging.INFO)
+if "FULL_DISK_WRITES" in os.environ:  # the writer's first N checkpoint writes meet a full disk half-way
+    import errno
+    real_save, full = torch.save, [int(os.environ["FULL_DISK_WRITES"])]
+    def save(obj, f, *args, **kwargs):
+        if full[0] > 0 and str(f).endswith(".partial"):
+            full[0] -= 1
+            Path(f).write_bytes(b"PK\x03\x04" + bytes(4096))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+    torch.save = save
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
 class Trainer:
@@ -76,8 +87,7 @@ while not requested:  # an answering trainer: busy with its batch until the hand
     time.sleep(0.01)
 step(steps + 1)
 snap = copier.take(trainer, {**meta, "position": {"done": steps + 1, "batches": 9}}, wait=True)
-rescuer.hand_over(snap)
-exit_now(75)
+exit_now(75 if rescuer.hand_over(snap) else 3)
 """
 
 
@@ -220,3 +230,47 @@ def test_a_trainer_whose_gpu_still_runs_is_waited_for(tmp_path: Path, gpu_lost: 
     assert proc.wait(timeout=60) == EX_TEMPFAIL
     assert "is gone" not in (tmp_path / "child.log").read_text()
     assert exact_matches(tmp_path / "last.pt", tmp_path / "at-step-4.pt")
+
+
+def no_partial_left(tmp_path: Path) -> bool:
+    return not list(tmp_path.glob(".*.partial"))
+
+
+@pytest.mark.slow
+def test_a_periodic_save_on_a_full_disk_is_tried_again_and_the_writer_lives_on(tmp_path: Path) -> None:
+    """The first write meets a full disk: no partial file is left to keep it full, the next interval
+    writes, and the writer still answers the checkpoint request after that."""
+    proc = start(tmp_path, "answer", save_every_s=0.2, FULL_DISK_WRITES="1")
+    ready(tmp_path, proc)
+    wait_until(lambda: "periodic checkpoint at epoch 2 batch 3/9" in (tmp_path / "child.log").read_text(), 60, "a periodic save")
+    log = (tmp_path / "child.log").read_text()
+    assert "periodic checkpoint not written to" in log and "No space left on device" in log, log
+    assert no_partial_left(tmp_path) and exact_matches(tmp_path / "last.pt", tmp_path / "at-step-3.pt")
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=60) == EX_TEMPFAIL
+    assert exact_matches(tmp_path / "last.pt", tmp_path / "at-step-4.pt")
+
+
+@pytest.mark.slow
+def test_an_answer_the_disk_cannot_take_returns_to_the_trainer(tmp_path: Path) -> None:
+    """hand_over says the write failed (the trainer then saves another way) instead of waiting forever."""
+    proc = start(tmp_path, "answer", FULL_DISK_WRITES="100")
+    ready(tmp_path, proc)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=60) == 3, (tmp_path / "child.log").read_text()
+    assert "the trainer's checkpoint not written to" in (tmp_path / "child.log").read_text()
+    assert no_partial_left(tmp_path) and not (tmp_path / "last.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_rescue_the_disk_cannot_take_tells_gpuguard_nothing(tmp_path: Path) -> None:
+    """A stuck trainer whose rescue cannot be written: no checkpoint-path file for gpuguard to trust,
+    no partial file, no retry loop refilling the disk; the process is left for gpuguard to stop."""
+    proc = start(tmp_path, "stuck", FULL_DISK_WRITES="100")
+    ready(tmp_path, proc)
+    proc.send_signal(signal.SIGUSR1)
+    wait_until(lambda: "the rescue checkpoint not written to" in (tmp_path / "child.log").read_text(), 60, "the failed rescue")
+    time.sleep(1.0)  # room for a retry loop to show itself (the request loop polls every 50 ms)
+    assert proc.poll() is None  # still stuck: gpuguard stops it after its grace
+    assert not (tmp_path / "checkpoint-path").exists() and no_partial_left(tmp_path)
+    assert (tmp_path / "child.log").read_text().count("not written to") == 1

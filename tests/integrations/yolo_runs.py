@@ -191,9 +191,15 @@ INTERRUPTIONS = ({"SIGNAL_AT": "1:3"}, {"STUCK_AT": "2:3"}, {})  # attempt by at
 #   (a C call that releases the GIL, as a call into a dead GPU does) and never comes back.
 # BLOCK_AT: the same block, without the signal.
 # TRAINED_LOG: every training batch appends [epoch, image names] to that file.
+# HOST_MEMORY_SHORT: every host buffer a host copy asks for is refused (MemoryError).
 EXACT_SHIM = """
 import json, os, signal, sys, time
 from pathlib import Path
+if "HOST_MEMORY_SHORT" in os.environ:
+    import gpuguard.integrations.hostcopy as hostcopy
+    def refused(src):
+        raise MemoryError("host memory short (test)")
+    hostcopy.host_like = refused
 from gpuguard.integrations.guard import TrainerGuard
 install = TrainerGuard.install
 def at(var, trainer, batch):
