@@ -240,7 +240,10 @@ class Rescuer:
             if locked:
                 WRITE_LOCK.release()
         if self.checkpoint_file is not None:
-            write_bytes_atomic(self.checkpoint_file, f"{self.target.resolve()}\n".encode())
+            try:  # the same path as written at the training's start (guard.py): that file stands if this fails
+                write_bytes_atomic(self.checkpoint_file, f"{self.target.resolve()}\n".encode())
+            except OSError as exc:
+                log.warning("could not rewrite %s (%s): gpuguard reads the one written at the start", self.checkpoint_file, exc)
         log.info(
             "%s after a checkpoint request: checkpoint at %s (%s); leaving with %d", why, where, self.target, EX_TEMPFAIL
         )

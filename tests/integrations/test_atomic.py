@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuguard.integrations.atomic import replacing, temp_path
+from gpuguard.integrations.atomic import replacing, temp_path, write_bytes_atomic
 
 
 def test_a_write_that_fails_half_way_leaves_the_old_file_and_no_temp(tmp_path: Path) -> None:
@@ -37,3 +37,12 @@ def test_a_body_that_writes_nothing_leaves_the_file_as_it_was(tmp_path: Path) ->
     with replacing(target):
         pass
     assert target.read_bytes() == b"old"
+
+
+def test_a_small_write_that_cannot_land_leaves_no_temp(tmp_path: Path) -> None:
+    """Something (a directory) stands where the file goes: the error reaches the caller, no temp stays."""
+    target = tmp_path / "checkpoint-path"
+    target.mkdir()
+    with pytest.raises(OSError):
+        write_bytes_atomic(target, b"/runs/job/weights/last.pt\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-path"] and target.is_dir()

@@ -274,3 +274,15 @@ def test_a_rescue_the_disk_cannot_take_tells_gpuguard_nothing(tmp_path: Path) ->
     assert proc.poll() is None  # still stuck: gpuguard stops it after its grace
     assert not (tmp_path / "checkpoint-path").exists() and no_partial_left(tmp_path)
     assert (tmp_path / "child.log").read_text().count("not written to") == 1
+
+
+@pytest.mark.slow
+def test_a_rescue_whose_checkpoint_path_file_cannot_be_rewritten_still_leaves_with_its_checkpoint(tmp_path: Path) -> None:
+    """That file was written at the training's start with the same path: the checkpoint on disk is what counts."""
+    (tmp_path / "checkpoint-path").mkdir()  # in the file's way
+    proc = start(tmp_path, "stuck")
+    ready(tmp_path, proc)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=60) == EX_TEMPFAIL, (tmp_path / "child.log").read_text()
+    assert "could not rewrite" in (tmp_path / "child.log").read_text()
+    assert exact_matches(tmp_path / "last.pt", tmp_path / "at-step-3.pt") and no_partial_left(tmp_path)
