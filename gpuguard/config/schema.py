@@ -75,7 +75,8 @@ class JobsConfig:
     migrate_on_degraded: bool = True
     snapshots_keep: int = 5
     snapshots_max_bytes: int = 20 * 1024**3
-    # a warm standby is not started while the node's available memory (psutil) is below this
+    # a warm standby is not started while the node's available memory (psutil) is below this,
+    # and a waiting one is ended below half of it
     standby_min_free_mb: int = 2048
     # ... and starts this long after the attempt's first heartbeat or checkpoint (its start-up
     # is over), so that the two do not share the CPU while the attempt sets up

@@ -14,7 +14,9 @@ GPUs are released), `promote` writes the hand-over file and the standby
 becomes the attempt's process. The standby is never on a GPU before that: it
 is in no `occupied` call, so the pool never counts it as a holder, and hang
 detection never sees it. One that dies is replaced with back-off; none starts
-while the node's available memory is below `[jobs] standby_min_free_mb`; a
+while the node's available memory is below `[jobs] standby_min_free_mb`, and a
+waiting one is ended when it falls below half of that (the training's memory
+comes first); a
 job that ends ends its standby; a daemon restart ends one found from before
 (Supervisor._end_strays looks in both slots) instead of adopting it.
 """
@@ -64,12 +66,33 @@ class Standbys:
         self._progress: dict[str, tuple[float, float]] = {}  # job -> (its attempt's start, first progress seen)
 
     def tick(self, job: Job, now: float) -> None:
-        """Notice a standby that died (its replacement backs off), start one when due."""
+        """Notice a standby that died (its replacement backs off), end one the node's memory can no
+        longer spare, start one when due."""
         rt = job.rt
         if rt.standby is not None and not rt.standby.alive():
             self._died(job, rt.standby, now)
+        if rt.standby is not None:
+            self._spare(job)
         if rt.standby is None and self._due(job, now):
             self._start(job, now)
+
+    def _spare(self, job: Job) -> None:
+        """A waiting standby holds memory the training may need at its peak, and the kernel's OOM killer
+        picks by size: the training first. Below half of `standby_min_free_mb` available it is ended;
+        none starts again until `standby_min_free_mb` is available (the gap keeps it from flapping)."""
+        min_free = self.runner.settings.standby_min_free_mb
+        free = available_mb()
+        proc = job.rt.standby
+        if proc is None or free >= min_free / 2:
+            return
+        self.end(job)
+        job.rt.standby_skipped = True  # the start path says nothing more until one starts
+        self.runner.say(
+            job, EventKind.STANDBY_SKIPPED, Severity.WARNING,
+            f"job {job.name}: warm standby (pid {proc.pid}) ended: {free:.0f} MB available, under half of "
+            f"[jobs] standby_min_free_mb ({min_free}); another once that much is available",
+            data={"available_mb": round(free), "min_free_mb": min_free, "ended_pid": proc.pid},
+        )  # fmt: skip
 
     def _due(self, job: Job, now: float) -> bool:
         rt = job.rt

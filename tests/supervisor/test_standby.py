@@ -143,6 +143,26 @@ def test_no_standby_while_memory_is_short(node: Node) -> None:
     standby_of(node, sup, job)
 
 
+def test_a_waiting_standby_is_ended_when_the_node_runs_short_of_memory(node: Node) -> None:
+    """Under half of standby_min_free_mb available: the training's memory comes first. One event;
+    no new standby while short; one again once the memory is back."""
+    sup = node.supervisor()
+    job = submit(node, sup)
+    standby = standby_of(node, sup, job)
+    before = tree(standby)
+    node.settings = replace(QUICK, standby_min_free_mb=10**9)
+    node.tick_until(sup, lambda: job.rt.standby is None, "the standby ended")
+    wait_for(lambda: gone(before), "the standby's processes to end")
+    skipped = node.log.of(EventKind.STANDBY_SKIPPED)
+    assert len(skipped) == 1 and skipped[0].data["ended_pid"] == standby.pid
+    for _ in range(3):
+        sup.tick(time.time(), node.facts)
+    assert job.rt.standby is None and len(node.log.of(EventKind.STANDBY_SKIPPED)) == 1
+    assert job.state == JobState.RUNNING and job.attempt.pid is not None and not gone_pid(job.attempt.pid)
+    node.settings = QUICK
+    assert standby_of(node, sup, job).pid != standby.pid
+
+
 def test_a_job_without_standby_gets_none(node: Node) -> None:
     sup = node.supervisor()
     job = submit(node, sup, standby=False)
