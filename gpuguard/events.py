@@ -57,7 +57,7 @@ class EventKind(enum.StrEnum):
     STANDBY_STARTED = "standby_started"
     STANDBY_DIED = "standby_died"  # it ended while it waited: replaced with back-off
     STANDBY_PROMOTED = "standby_promoted"  # handed the GPUs: it is the new attempt
-    STANDBY_SKIPPED = "standby_skipped"  # the node's available memory is below [jobs] standby_min_free_mb
+    STANDBY_SKIPPED = "standby_skipped"  # available memory below [jobs] standby_min_free_mb (or a waiting one ended below half)
     GPU_PROBATION_FAILED = "gpu_probation_failed"
     GPU_SUSPECT = "gpu_suspect"  # a job hung on it, no GPU-side evidence: avoided, not excluded
     GPU_SUSPICION_LIFTED = "gpu_suspicion_lifted"
