@@ -99,13 +99,19 @@ def trim_results(csv: Path, completed_epochs: int) -> int:
 
     A kill between writing an epoch's row and saving its checkpoint leaves a
     row for an epoch the resumed run repeats; without this it would appear twice.
+    Only a report: a file that cannot be read or rewritten (a full disk) is left as
+    it is, and the training goes on.
     """
-    if not csv.exists():
+    try:
+        if not csv.exists():
+            return 0
+        header, *rows = csv.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True) or [""]
+        keep = [row for row in rows if _row_epoch(row) <= completed_epochs]
+        if len(keep) != len(rows):
+            write_bytes_atomic(csv, "".join([header, *keep]).encode())
+    except OSError as exc:
+        log.warning("results.csv rows of epochs trained again stay in %s: %s", csv, exc)
         return 0
-    header, *rows = csv.read_text(encoding="utf-8").splitlines(keepends=True) or [""]
-    keep = [row for row in rows if _row_epoch(row) <= completed_epochs]
-    if len(keep) != len(rows):
-        write_bytes_atomic(csv, "".join([header, *keep]).encode())
     return len(rows) - len(keep)
 
 

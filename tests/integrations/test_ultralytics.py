@@ -245,6 +245,15 @@ def test_trim_results_drops_rows_of_redone_epochs(tmp_path: Path) -> None:
     assert trim_results(tmp_path / "missing.csv", 0) == 0
 
 
+def test_trim_results_that_cannot_rewrite_the_file_leaves_it_and_training_goes_on(tmp_path: Path) -> None:
+    """Only a report: a full disk (here, a directory in the temp file's way) must not end a resume."""
+    csv = tmp_path / "results.csv"
+    csv.write_bytes(b"epoch,loss\n1,0.5\n2,0.4\n3,0.3\xff\n")  # and a torn byte at the end
+    (tmp_path / ".results.csv.partial").mkdir()
+    assert trim_results(csv, 2) == 0
+    assert csv.read_bytes() == b"epoch,loss\n1,0.5\n2,0.4\n3,0.3\xff\n"
+
+
 def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
     target = tmp_path / "last.pt"
     target.write_bytes(b"old")
