@@ -29,21 +29,15 @@ def temp_path(target: Path, suffix: str = "") -> Path:
 
 def write_bytes_atomic(target: Path, data: bytes | memoryview) -> None:
     """Replace `target` with `data`, all or nothing, durable once it returns."""
-    tmp = temp_path(target)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
+    with replacing(target) as tmp:  # it fsyncs, renames, and removes the temp file on failure
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             view = memoryview(data)
             while view:
                 written = os.write(fd, view[:CHUNK])
                 view = view[written:]
-            os.fsync(fd)
         finally:
             os.close(fd)
-        commit(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # as in `replacing`: nothing half-written stays behind
-        raise
 
 
 @contextmanager

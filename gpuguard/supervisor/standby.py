@@ -71,19 +71,19 @@ class Standbys:
         rt = job.rt
         if rt.standby is not None and not rt.standby.alive():
             self._died(job, rt.standby, now)
-        if rt.standby is not None:
-            self._spare(job)
+        self._spare(job)
         if rt.standby is None and self._due(job, now):
             self._start(job, now)
 
     def _spare(self, job: Job) -> None:
         """A waiting standby holds memory the training may need at its peak, and the kernel's OOM killer
-        picks by size: the training first. Below half of `standby_min_free_mb` available it is ended;
+        picks by size: usually the training. Below half of `standby_min_free_mb` available it is ended;
         none starts again until `standby_min_free_mb` is available (the gap keeps it from flapping)."""
-        min_free = self.runner.settings.standby_min_free_mb
+        proc, min_free = job.rt.standby, self.runner.settings.standby_min_free_mb
+        if proc is None:
+            return
         free = available_mb()
-        proc = job.rt.standby
-        if proc is None or free >= min_free / 2:
+        if free >= min_free / 2:
             return
         self.end(job)
         job.rt.standby_skipped = True  # the start path says nothing more until one starts
